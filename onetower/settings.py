@@ -1,0 +1,104 @@
+"""The one settings object: environment variables prefixed ``ONETOWER_``, overridable by CLI flags."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TOPIC_KINDS = ("items", "users", "impressions", "engagements", "dlq")
+
+
+class Settings(BaseSettings):
+    """Addresses, topics, model and state locations for every part of onetower."""
+
+    model_config = SettingsConfigDict(env_prefix="ONETOWER_", env_file=".env", extra="ignore")
+
+    # Where the local stack keeps data and logs, and where heavy downloads are cached.
+    state_dir: Path = Field(default=Path.home() / ".onetower", description="data and logs of the local stack")
+    cache_dir: Path = Field(default=Path.home() / ".cache" / "onetower", description="Kafka jars and other downloads")
+
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_controller_port: int = 9093
+    kafka_version: str = "3.9.1"
+    kafka_heap: str = "512m"
+    topic_prefix: str = "onetower."
+    topic_partitions: int = Field(default=4, ge=1)
+    topic_retention_ms: int = Field(default=-1, description="-1 keeps impressions and engagements forever (training reads them)")
+
+    # Redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_key_prefix: str = "ot:"
+
+    # Milvus: an http(s) URI is a server; a path ending in .db is Milvus Lite (one process only).
+    milvus_uri: str = "http://127.0.0.1:19530"
+    milvus_token: str = ""
+    milvus_prefix: str = Field(default="", description="prefix of collection and alias names (tests isolate with it)")
+
+    # Model
+    model_dir: Path | None = Field(default=None, description="a model artifact directory (models/ format)")
+    base_model: str = Field(default="minilm", description="HF name or path, or 'minilm' / 'smollm2' (offline packages)")
+    embedding_dim: int = Field(default=512, ge=8)
+    max_seq_length: int = Field(default=256, ge=16)
+
+    # Streams
+    history_len: int = Field(default=50, ge=1, description="positive items kept per user")
+    dedup_ttl_s: int = Field(default=7 * 24 * 3600, ge=1, description="how long an event id is remembered")
+    refresh_batch: int = Field(default=64, ge=1, description="most entities re-encoded in one micro-batch")
+    refresh_debounce_s: float = Field(default=0.5, ge=0.0, description="wait after a change before re-encoding")
+    worker_metrics_port: int = 9108
+
+    # Serving
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_is_topic_safe(cls, v: str) -> str:
+        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+        if not set(v) <= allowed:
+            raise ValueError("topic_prefix may hold only letters, digits, '.', '_' and '-'")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, v: str) -> str:
+        if urlparse(v).scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return v
+
+    def topic(self, kind: str) -> str:
+        """Full topic name for one of ``TOPIC_KINDS``."""
+        if kind not in TOPIC_KINDS:
+            raise ValueError(f"unknown topic kind {kind!r}; expected one of {', '.join(TOPIC_KINDS)}")
+        return f"{self.topic_prefix}{kind}"
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap.rsplit(":", 1)[1])
+
+    @property
+    def redis_port(self) -> int:
+        return urlparse(self.redis_url).port or 6379
+
+    @property
+    def milvus_is_lite(self) -> bool:
+        return not self.milvus_uri.startswith(("http://", "https://", "tcp://"))
+
+    @property
+    def milvus_port(self) -> int:
+        return urlparse(self.milvus_uri).port or 19530
+
+    @property
+    def kafka_home(self) -> Path:
+        return self.cache_dir / f"kafka-{self.kafka_version}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process (CLI flags update this object)."""
+    return Settings()

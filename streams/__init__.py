@@ -1,0 +1,1 @@
+"""Kafka side of onetower: event schemas, topics, the producer SDK and the faust stream processors."""
