@@ -59,6 +59,9 @@ def _register() -> None:
     from onetower import stack_cli
 
     app.add_typer(stack_cli.app, name="stack", help="Start, stop and inspect the local Kafka, Redis and Milvus servers.")
+    from onetower import demo
+
+    app.add_typer(demo.app)
     from streams import cli as streams_cli
 
     app.add_typer(streams_cli.app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
@@ -38,12 +39,22 @@ class Settings(BaseSettings):
     milvus_uri: str = "http://127.0.0.1:19530"
     milvus_token: str = ""
     milvus_prefix: str = Field(default="", description="prefix of collection and alias names (tests isolate with it)")
+    milvus_timeout_s: float = Field(default=5.0, gt=0, description="connect and per-call timeout; past it Milvus counts as down")
+    milvus_read_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
+        default="Bounded", description="consistency of serving reads (Strong waits 200-400 ms a search on Milvus 2.3)")
+    hnsw_m: int = Field(default=16, ge=4, le=64)
+    hnsw_ef_construction: int = Field(default=200, ge=8)
+    hnsw_ef: int = Field(default=256, ge=1, description="search-time ef; raised to the result count when that is larger")
+    reindex_batch: int = Field(default=256, ge=1, description="entities encoded and upserted per re-index step")
+    reindex_sample: int = Field(default=32, ge=1, description="vectors re-encoded and compared before the alias swap")
+    reindex_grace_s: int = Field(default=24 * 3600, ge=0, description="how long the previous version is kept for rollback")
 
     # Model
     model_dir: Path | None = Field(default=None, description="a model artifact directory (models/ format)")
     base_model: str = Field(default="minilm", description="HF name or path, or 'minilm' / 'smollm2' (offline packages)")
     embedding_dim: int = Field(default=512, ge=8)
     max_seq_length: int = Field(default=256, ge=16)
+    matryoshka_widths: list[int] = Field(default=[512, 256, 128, 64], description="Matryoshka widths (a prefix of the embedding each); those above embedding_dim are dropped")
 
     # Streams
     history_len: int = Field(default=50, ge=1, description="positive items kept per user")
@@ -51,10 +62,14 @@ class Settings(BaseSettings):
     refresh_batch: int = Field(default=64, ge=1, description="most entities re-encoded in one micro-batch")
     refresh_debounce_s: float = Field(default=0.5, ge=0.0, description="wait after a change before re-encoding")
     worker_metrics_port: int = 9108
+    recent_impressions_len: int = Field(default=100, ge=1, description="recent impressions kept per user (features, debugging)")
+    refresh_lease_s: float = Field(default=30.0, gt=0.0, description="a popped dirty entity returns to the queue if not acknowledged within this")
+    percentile_refresh_s: float = Field(default=300.0, gt=0.0, description="how often the worker refits the popularity percentile tables")
 
     # Serving
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    candidates_max_k: int = Field(default=2000, ge=1, le=16384, description="largest k a candidates request may ask for")
 
     @field_validator("topic_prefix")
     @classmethod

@@ -24,7 +24,7 @@ class EventProducer:
             self._producer = KafkaProducer(
                 bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=linger_ms,
                 batch_size=batch_size, compression_type=None, enable_idempotence=True,
-                key_serializer=str.encode, request_timeout_ms=15_000, bootstrap_timeout_ms=10_000,
+                request_timeout_ms=15_000, bootstrap_timeout_ms=10_000,
                 max_block_ms=15_000,
             )
         except KafkaError:
@@ -35,7 +35,7 @@ class EventProducer:
         """Queue one event; it is confirmed by the next ``flush``."""
         topic = self.settings.topic(event.kind)
         try:
-            future = self._producer.send(topic, key=event.key, value=event.to_bytes(), timestamp_ms=event.ts_ms)
+            future = self._producer.send(topic, key=event.key.encode(), value=event.to_bytes(), timestamp_ms=event.ts_ms)
         except KafkaError as exc:
             raise KafkaUnavailable(f"could not send to {topic} at {self.settings.kafka_bootstrap}: {exc}") from None
         self._pending.append(future)

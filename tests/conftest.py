@@ -15,6 +15,11 @@ from onetower import stack  # noqa: E402
 from onetower.settings import Settings  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that restart the shared stack run last, so no other test sees it go away."""
+    items.sort(key=lambda item: item.get_closest_marker("restarts_stack") is not None)
+
+
 @pytest.fixture(scope="session")
 def base_settings() -> Settings:
     """Settings of the shared local stack, as the environment gives them."""

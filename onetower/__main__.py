@@ -1,0 +1,3 @@
+from onetower.cli import app
+
+app()

@@ -1,0 +1,22 @@
+"""Read-only views of onetower's topics: how many events each holds."""
+
+from __future__ import annotations
+
+from kafka import KafkaConsumer, TopicPartition
+
+from onetower.settings import TOPIC_KINDS, Settings
+
+
+def topic_counts(settings: Settings) -> dict[str, int]:
+    """Records per topic (end minus beginning offsets over all partitions); 0 for a missing topic."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, bootstrap_timeout_ms=10_000)
+    try:
+        counts = {}
+        for kind in TOPIC_KINDS:
+            parts = consumer.partitions_for_topic(settings.topic(kind)) or set()
+            tps = [TopicPartition(settings.topic(kind), p) for p in parts]
+            begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+            counts[kind] = sum(end[tp] - begin[tp] for tp in tps)
+        return counts
+    finally:
+        consumer.close()
