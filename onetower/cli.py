@@ -65,6 +65,15 @@ def _register() -> None:
     from streams import cli as streams_cli
 
     app.add_typer(streams_cli.app)
+    from training import cli as training_cli
+
+    app.add_typer(training_cli.app)
+    from models import cli as models_cli
+
+    app.add_typer(models_cli.app, name="model", help="Build, export and benchmark the shared encoder tower.")
+    from indexer import cli as indexer_cli
+
+    app.add_typer(indexer_cli.app)
 
 
 _register()

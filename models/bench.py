@@ -1,0 +1,268 @@
+"""Encoder benchmark: speed of torch vs ONNX fp32 vs ONNX int8 on MovieLens-like texts, against this machine's peak.
+
+Prints figures side by side and writes them as JSON (and a PNG); it asserts nothing. Achieved GFLOP/s
+counts 2 x non-embedding parameters per real token (attention's own matmuls left out), so it is a
+slight underestimate of the work done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from models.artifact import ModelArtifact, export_artifact
+from models.encoder import Encoder, TorchEncoder, padding_fraction, plan_batches
+from models.errors import ArtifactError
+from models.render import render_item, render_user
+from models.samples import sample_items, sample_users
+from models.tower import build_tower
+from onetower.settings import get_settings
+
+BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
+
+
+@dataclass
+class Plan:
+    """How much to measure: --quick trades precision for a run of about a minute."""
+
+    bases: tuple[str, ...]
+    batches: tuple[int, ...]
+    items: int
+    users: int
+    cell_s: float  # keep calling until this much time is spent in a cell (at least one call)
+    max_call_s: float  # skip a cell whose single call is estimated to take longer
+    max_calls: int
+    parity_texts: int
+    matmul_n: int
+
+
+FULL = Plan(("minilm", "smollm2"), (1, 32, 256), 512, 256, 8.0, 60.0, 200, 48, 2048)
+QUICK = Plan(("minilm",), (1, 32), 64, 32, 1.0, 4.0, 30, 16, 1024)
+
+
+@dataclass
+class Cell:
+    model: str
+    backend: str
+    kind: str
+    batch: int
+    calls: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    texts_per_s: float | None = None
+    tokens_per_s: float | None = None
+    gflops: float | None = None
+    frac_peak: float | None = None
+    note: str = ""
+
+
+def matmul_gflops(n: int, seconds: float = 2.0) -> dict[str, float]:
+    """Best fp32 GFLOP/s of a large square matmul, in numpy and in torch (the machine's practical peak)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    result = {}
+    for name, fn in (("numpy", lambda: a @ b), ("torch", lambda: ta @ tb)):
+        fn()
+        best, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        result[name] = 2 * n**3 / best / 1e9
+    return result
+
+
+def non_embedding_params(artifact: ModelArtifact) -> int:
+    """Parameters that multiply every token (embedding tables are lookups)."""
+    model = artifact.load_sentence_transformer()
+    total = sum(p.numel() for p in model.parameters())
+    return total - sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+
+
+def bench_texts(tokenizer, max_seq_length: int, plan: Plan) -> dict[str, list[str]]:
+    """Items with percentile counters; users with 30-60 engaged movies fitted to the model's context."""
+    items = [render_item(f, c) for f, c in sample_items(plan.items, seed=7)]
+    users = [render_user(p, h, tokenizer=tokenizer, max_tokens=max_seq_length) for p, h in sample_users(plan.users, seed=7)]
+    return {"item": items, "user": users}
+
+
+def measure(encoder, texts: Sequence[str], batch: int, plan: Plan, est_s_per_text: float | None) -> tuple[Cell, float]:
+    """Time ``encode`` calls of ``batch`` texts taken in turn from ``texts``; returns the cell and s/text."""
+    cell = Cell(model="", backend="", kind="", batch=batch)
+    if est_s_per_text is not None and est_s_per_text * batch > plan.max_call_s:
+        cell.note = f"skipped: ~{est_s_per_text * batch:.0f} s per call"
+        return cell, est_s_per_text
+    lat, tokens, start = [], 0, time.perf_counter()
+    while len(lat) < plan.max_calls and (not lat or time.perf_counter() - start < plan.cell_s):
+        offset = (len(lat) * batch) % len(texts)
+        chunk = [texts[(offset + j) % len(texts)] for j in range(batch)]
+        tokens += sum(len(x) for x in encoder.tokenize(chunk))
+        t = time.perf_counter()
+        encoder.encode(chunk)
+        lat.append(time.perf_counter() - t)
+    total = sum(lat)
+    cell.calls = len(lat)
+    cell.p50_ms, cell.p99_ms = (float(np.percentile(lat, q)) * 1e3 for q in (50, 99))
+    cell.texts_per_s = batch * len(lat) / total
+    cell.tokens_per_s = tokens / total
+    return cell, total / (batch * len(lat))
+
+
+def _parity(reference: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    cos = np.sum(reference * got, axis=1)
+    return {"min": round(float(cos.min()), 6), "mean": round(float(cos.mean()), 6)}
+
+
+def bench_model(base: str, plan: Plan, work: Path, peak: float, console: Console, threads: int | None) -> tuple[list[Cell], dict]:
+    """All cells for one base model (its artifact is exported once into ``work`` and reused)."""
+    out = work / f"artifact-{base}"
+    try:
+        artifact = ModelArtifact.load(out)
+        if artifact.manifest.base_model != base or "int8" not in artifact.manifest.onnx:
+            raise ArtifactError("stale")
+    except ArtifactError:
+        console.print(f"exporting the untuned {base} tower to {out}")
+        settings = get_settings()
+        tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=settings.max_seq_length)
+        artifact = export_artifact(tower, out, base_model=base, int8=True, overwrite=True)
+    encoders = {
+        "torch": TorchEncoder.load(out),
+        "onnx-fp32": Encoder.load(out, variant="fp32", provider="cpu", threads=threads),
+        "onnx-int8": Encoder.load(out, variant="int8", provider="cpu", threads=threads),
+    }
+    flops_per_token = 2 * non_embedding_params(artifact)
+    texts = bench_texts(encoders["onnx-fp32"].tokenizer, artifact.manifest.max_seq_length, plan)
+    info: dict = {"version": artifact.version, "flops_per_token": flops_per_token, "padding": {}, "parity": {}}
+    for kind, pool in texts.items():
+        lengths = [len(x) for x in encoders["onnx-fp32"].tokenize(pool)]
+        info[f"mean_tokens_{kind}"] = float(np.mean(lengths))
+        info["padding"][kind] = round(padding_fraction(lengths, plan_batches(lengths, 8192)), 4)
+    mixed = [len(x) for x in encoders["onnx-fp32"].tokenize(texts["item"] + texts["user"])]
+    info["padding"]["mixed"] = round(padding_fraction(mixed, plan_batches(mixed, 8192)), 4)
+    probe = texts["item"][: plan.parity_texts] + texts["user"][: plan.parity_texts // 4]
+    reference = encoders["torch"].encode(probe)
+    for name in ("onnx-fp32", "onnx-int8"):
+        info["parity"][name] = _parity(reference, encoders[name].encode(probe))
+
+    cells = []
+    jobs = [(kind, backend) for kind in texts for backend in BACKENDS]
+    for kind, backend in track(jobs, description=f"{base}: timing", console=console, transient=True):
+        encoders[backend].encode(texts[kind][:2])  # warm-up: first-run allocations and graph setup
+        est = None
+        for batch in plan.batches:
+            cell, est = measure(encoders[backend], texts[kind], batch, plan, est)
+            cell.model, cell.backend, cell.kind = base, backend, kind
+            if cell.tokens_per_s:
+                cell.gflops = cell.tokens_per_s * flops_per_token / 1e9
+                cell.frac_peak = cell.gflops / peak
+            cells.append(cell)
+    return cells, info
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def results_table(cells: list[Cell], peak: float) -> Table:
+    table = Table(title=f"encoder speed (this machine's fp32 matmul peak: {peak:.0f} GFLOP/s)")
+    for col in ("model", "text", "backend", "batch", "texts/s", "tokens/s", "p50 ms", "p99 ms", "GFLOP/s", "of peak", "note"):
+        table.add_column(col, justify="left" if col in ("model", "text", "backend", "note") else "right")
+    for c in cells:
+        table.add_row(
+            c.model, c.kind, c.backend, str(c.batch), _fmt(c.texts_per_s, ".1f"), _fmt(c.tokens_per_s, ".0f"),
+            _fmt(c.p50_ms, ".1f"), _fmt(c.p99_ms, ".1f"), _fmt(c.gflops, ".1f"),
+            _fmt(c.frac_peak and 100 * c.frac_peak, ".0f") + ("%" if c.frac_peak else ""), c.note,
+        )  # fmt: skip
+    return table
+
+
+def _plot(cells: list[Cell], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(c.model, c.kind, c.batch) for c in cells})
+    fig, ax = plt.subplots(figsize=(max(6, len(groups) * 0.9), 4))
+    width = 0.8 / len(BACKENDS)
+    for k, backend in enumerate(BACKENDS):
+        values = [next((c.tokens_per_s or 0 for c in cells if (c.model, c.kind, c.batch) == g and c.backend == backend), 0) for g in groups]
+        ax.bar(np.arange(len(groups)) + k * width, values, width, label=backend)
+    ax.set_xticks(np.arange(len(groups)) + width, [f"{m}\n{k} b{b}" for m, k, b in groups], fontsize=7)
+    ax.set_ylabel("tokens/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(
+    out: Path,
+    *,
+    quick: bool = False,
+    bases: Sequence[str] | None = None,
+    threads: int | None = None,
+    console: Console | None = None,
+) -> dict:
+    """Run the benchmark, print its tables, and write ``bench_encoder.json`` and ``.png`` under ``out``.
+
+    ``threads`` sets torch's and onnxruntime's intra-op threads (default: their own, one per core). The
+    load average is recorded: on a shared machine, torch's OpenMP threads slow down badly when
+    oversubscribed, so read figures next to it.
+    """
+    console = console or Console()
+    plan = QUICK if quick else FULL
+    if threads:
+        torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    out.mkdir(parents=True, exist_ok=True)
+    matmul = matmul_gflops(plan.matmul_n)
+    peak = max(matmul.values())
+    console.print(f"fp32 matmul {plan.matmul_n}x{plan.matmul_n}: numpy {matmul['numpy']:.0f}, torch {matmul['torch']:.0f} GFLOP/s")
+    cells, models = [], {}
+    for base in bases or plan.bases:
+        got, models[base] = bench_model(base, plan, out, peak, console, threads)
+        cells += got
+    wide = console if console.width >= 150 else Console(width=150, file=console.file)  # do not fold the tables
+    wide.print(results_table(cells, peak))
+    summary = Table(title="padding of token-budget batching (8192 tokens) and parity vs torch (min / mean cosine)")
+    for col in ("model", "mean tokens item/user", "padding item", "padding user", "padding mixed", "onnx-fp32", "onnx-int8"):
+        summary.add_column(col)
+    for base, info in models.items():
+        summary.add_row(
+            base, f"{info['mean_tokens_item']:.0f} / {info['mean_tokens_user']:.0f}",
+            *(f"{100 * info['padding'][k]:.1f}%" for k in ("item", "user", "mixed")),
+            *(f"{info['parity'][n]['min']:.4f} / {info['parity'][n]['mean']:.4f}" for n in ("onnx-fp32", "onnx-int8")),
+        )  # fmt: skip
+    wide.print(summary)
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+            "matmul_gflops": matmul,
+            "peak_gflops": peak,
+        },
+        "plan": asdict(plan),
+        "models": models,
+        "cells": [asdict(c) for c in cells],
+    }
+    (out / "bench_encoder.json").write_text(json.dumps(result, indent=2))
+    _plot(cells, out / "bench_encoder.png")
+    console.print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    console.print(f"wrote {out / 'bench_encoder.json'} and {out / 'bench_encoder.png'}")
+    return result

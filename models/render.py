@@ -1,0 +1,197 @@
+"""Item and user text with one added marker token per field, as in LinkedIn's retrieval paper.
+
+Format (version ``PROMPT_FORMAT_VERSION``), with no separator between fields because every marker is
+one special token and a space before it would cost a token in byte-level BPE vocabularies::
+
+    item: [ITEM][TITLE] Toy Story (1995)[GENRES] Animation|Children's|Comedy[YEAR] 1995[IMPRESSIONS_24H][PCT] 87[/PCT]
+    user: [USER][AGE] 24[GENDER] M[OCCUPATION] technician[HISTORY][ITEM][TITLE] ...[ITEM][TITLE] ...
+
+Known feature names get their own marker ``[NAME]`` and come in a declared order; any other feature is
+written as ``[FIELD] name: value`` after them, sorted by name, so the marker set stays fixed
+(``MARKER_TOKENS``) and the same input always gives the same text. Counters are popularity
+percentile buckets 1-100 wrapped in ``[PCT]...[/PCT]`` (the paper's best format) or, for the
+ablation, raw counts after the counter's marker. Marker strings inside values are removed, so a
+title cannot forge a field. A user's history is the positively engaged items, oldest first; when the
+text would overflow the token budget the oldest items are dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.errors import RenderError
+
+PROMPT_FORMAT_VERSION = "1"
+
+Value = str | int | float | bool
+ITEM_FIELDS = ("title", "name", "type", "category", "author", "genres", "tags", "year", "language", "description", "text")
+USER_FIELDS = ("age", "gender", "occupation", "location", "zip", "language", "headline", "interests")
+COUNTER_FIELDS = (
+    "impressions_1h", "impressions_24h", "impressions_7d",
+    "engagements_1h", "engagements_24h", "engagements_7d",
+)  # fmt: skip
+STRUCTURE_MARKERS = ("[ITEM]", "[USER]", "[HISTORY]", "[FIELD]", "[PCT]", "[/PCT]")
+
+
+def marker(name: str) -> str:
+    """The marker token of a known feature or counter name."""
+    return f"[{name.upper()}]"
+
+
+MARKER_TOKENS: list[str] = [
+    *STRUCTURE_MARKERS,
+    *(marker(name) for name in dict.fromkeys(ITEM_FIELDS + USER_FIELDS + COUNTER_FIELDS)),
+]
+_MARKER_RE = re.compile("|".join(re.escape(m) for m in sorted(MARKER_TOKENS, key=len, reverse=True)), re.IGNORECASE)
+_SPACE_RE = re.compile(r"\s+")
+
+
+class Tokenizer(Protocol):
+    """What ``render_user`` needs of a tokenizer (any Hugging Face tokenizer has it)."""
+
+    def __call__(self, text: list[str], *, add_special_tokens: bool) -> Mapping[str, list[list[int]]]: ...
+
+
+def _value_text(name: str, value: Value) -> str:
+    """One value as prompt text: whitespace collapsed, marker strings removed."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise RenderError(f"feature {name!r} is {value}; only finite numbers can be rendered")
+        return f"{value:g}"
+    if isinstance(value, str):
+        return _SPACE_RE.sub(" ", _MARKER_RE.sub(" ", value)).strip()
+    raise RenderError(f"feature {name!r} has a {type(value).__name__}; expected text, a number or a bool")
+
+
+def _fields(features: Mapping[str, Value | None], known: Sequence[str]) -> str:
+    """Known fields in declared order, then the others sorted by name; empty values are left out."""
+    lowered = {str(k).lower(): v for k, v in features.items()}
+    names = [n for n in known if n in lowered] + sorted(n for n in lowered if n not in known)
+    parts = []
+    for name in names:
+        if lowered[name] is None or not (text := _value_text(name, lowered[name])):
+            continue
+        head = marker(name) if name in known else f"[FIELD] {_value_text('name', name)}:"
+        parts.append(f"{head} {text}")
+    return "".join(parts)
+
+
+def _counters(counters: Mapping[str, int], mode: Literal["bucket", "raw"]) -> str:
+    parts = []
+    for name in sorted(counters, key=lambda n: (COUNTER_FIELDS.index(n) if n in COUNTER_FIELDS else len(COUNTER_FIELDS), n)):
+        count = counters[name]
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+            raise RenderError(f"counter {name!r} is {count!r}; expected an integer")
+        if mode == "bucket" and not 1 <= count <= 100:
+            raise RenderError(f"counter {name!r} is {count}; bucket mode expects a percentile bucket 1-100 (map counts with PercentileTable)")
+        if mode == "raw" and count < 0:
+            raise RenderError(f"counter {name!r} is {count}; counts cannot be negative")
+        head = marker(name) if name in COUNTER_FIELDS else f"[FIELD] {_value_text('name', name)}:"
+        parts.append(f"{head}[PCT] {count}[/PCT]" if mode == "bucket" else f"{head} {count}")
+    return "".join(parts)
+
+
+def render_item(
+    features: Mapping[str, Value],
+    counters: Mapping[str, int] | None = None,
+    *,
+    counts_mode: Literal["bucket", "raw"] = "bucket",
+) -> str:
+    """Item text: its features, then its popularity counters (buckets 1-100, or raw counts)."""
+    if counts_mode not in ("bucket", "raw"):
+        raise RenderError(f"counts_mode is {counts_mode!r}; expected 'bucket' or 'raw'")
+    return "[ITEM]" + _fields(features, ITEM_FIELDS) + _counters(counters or {}, counts_mode)
+
+
+def render_user(
+    profile: Mapping[str, Value],
+    history: Sequence[Mapping[str, Value]],
+    *,
+    tokenizer: Tokenizer | None = None,
+    max_tokens: int | None = None,
+) -> str:
+    """User text: profile, then engaged items oldest first, the most recent kept within ``max_tokens``.
+
+    ``max_tokens`` counts the tokenizer's own special tokens too, so pass the encoder's
+    ``max_seq_length`` and nothing is truncated away by the model (which would cut the newest items).
+    """
+    head = "[USER]" + _fields(profile, USER_FIELDS)
+    items = [render_item(features) for features in history]
+    if not items:
+        return head
+    head += "[HISTORY]"
+    if max_tokens is None:
+        return head + "".join(items)
+    if tokenizer is None:
+        raise RenderError("render_user needs a tokenizer to fit the history into max_tokens")
+    budget = max_tokens - len(tokenizer([head], add_special_tokens=True)["input_ids"][0])
+    lengths = [len(ids) for ids in tokenizer(items, add_special_tokens=False)["input_ids"]]
+    keep = 0
+    while keep < len(items) and lengths[-keep - 1] <= budget:
+        budget -= lengths[-keep - 1]
+        keep += 1
+    while True:  # the per-piece sum is exact for marker-delimited pieces; re-check the whole text anyway
+        text = head + "".join(items[len(items) - keep :])
+        if keep == 0 or len(tokenizer([text], add_special_tokens=True)["input_ids"][0]) <= max_tokens:
+            return text
+        keep -= 1
+
+
+class PercentileTable(BaseModel):
+    """Maps a raw count to its percentile bucket 1-100 among the counts it was fitted on.
+
+    ``edges`` are the 1st..99th percentiles; a count's bucket is 1 + the number of edges below it, so
+    the bucket says what share of items had fewer events (0 impressions stays in bucket 1 even when
+    most items have none). An empty table (fitted on nothing yet) puts every count in bucket 1.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    edges: list[int] = Field(default_factory=list)
+    n: int = Field(default=0, ge=0, description="how many counts the table was fitted on")
+
+    @model_validator(mode="after")
+    def _check(self) -> PercentileTable:
+        if len(self.edges) not in (0, 99):
+            raise ValueError(f"edges must hold 99 percentiles (or none), not {len(self.edges)}")
+        if any(a > b for a, b in zip(self.edges, self.edges[1:])):
+            raise ValueError("edges must be non-decreasing")
+        return self
+
+    @classmethod
+    def fit(cls, counts: Iterable[int]) -> PercentileTable:
+        """The table of one population of counts (e.g. every item's 24 h impressions)."""
+        values = np.fromiter(counts, dtype=np.int64)
+        if values.size == 0:
+            return cls()
+        if values.min() < 0:
+            raise RenderError("counts cannot be negative")
+        edges = np.quantile(values, np.arange(1, 100) / 100, method="inverted_cdf")
+        return cls(edges=[int(e) for e in edges], n=int(values.size))
+
+    def bucket(self, count: int) -> int:
+        """The percentile bucket 1-100 of ``count``."""
+        if count < 0:
+            raise RenderError(f"count {count} is negative")
+        return 1 + bisect.bisect_left(self.edges, count)
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, s: str | bytes) -> PercentileTable:
+        try:
+            return cls.model_validate_json(s)
+        except ValidationError as exc:
+            raise RenderError(f"not a percentile table: {exc.errors()[0]['msg']}") from None
