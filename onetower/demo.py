@@ -1,50 +1,200 @@
-"""``onetower demo``: the main job end to end on the local stack."""
+"""``onetower demo``: the main job end to end on the local stack.
+
+Stack up; MovieLens-100k converted and replayed; a tower exported (the untuned base, or quickly
+fine-tuned with ``--train``); a stream worker applies the events and encodes users and items; the
+version is checked and activated; one user's candidates printed; a new engagement produced; the same
+user's candidates printed again with the measured freshness; everything stopped.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import typer
 from rich.table import Table
 
 from onetower import stack
 from onetower.cli_common import console, fail
-from onetower.settings import get_settings
+from onetower.settings import Settings, get_settings
 
 app = typer.Typer()
+T = TypeVar("T")
+SHORT_EVENTS = 20_000
 
 
 @app.command()
 def demo(
-    short: bool = typer.Option(False, help="replay only the first 20,000 events (CI's mode)"),
+    short: bool = typer.Option(False, help=f"replay only the first {SHORT_EVENTS:,} events (CI's mode)"),
+    train: bool = typer.Option(False, help="fine-tune the tower briefly on the replayed topics before indexing"),
     keep_stack: bool = typer.Option(False, help="leave the servers running afterwards (they are left anyway if they ran before)"),
+    timeout_s: float = typer.Option(1800.0, help="give up waiting for the worker after this long"),
 ) -> None:
-    """Start the stack, convert and replay MovieLens-100k, count the events per topic, stop what it started."""
-    from streams.inspect import topic_counts
-    from streams.movielens import MovieLensError, convert, replay
+    """Run the whole system once on MovieLens-100k and show a user's candidates change after an engagement."""
+    from indexer.candidates import UnknownUser
+    from indexer.reindex import ReindexError
+    from models.errors import ModelError
+    from streams.movielens import MovieLensError
+    from streams.topics import KafkaUnavailable
 
     settings = get_settings()
-    data_dir: Path = settings.state_dir / "movielens"
     was_running = all(s.ready for s in stack.status(settings))
     try:
         with console.status("starting Kafka, Redis and Milvus..."):
             stack.up(settings)
         console.print("[green]stack up[/]")
-        counts = convert(data_dir, settings)
-        console.print(f"MovieLens-100k converted into {data_dir}: {sum(counts.values()):,} events")
-        started = time.perf_counter()
-        sent = replay(data_dir, settings, limit=20_000 if short else None)
-        took = time.perf_counter() - started
-        console.print(f"replayed {sum(sent.values()):,} events in {took:.1f}s ({sum(sent.values()) / took:,.0f} events/s)")
-        table = Table("topic", "sent now", "in Kafka")
-        in_kafka = topic_counts(settings)
-        for kind in in_kafka:
-            table.add_row(settings.topic(kind), f"{sent.get(kind, 0):,}", f"{in_kafka[kind]:,}")
-        console.print(table)
-    except (stack.StackError, MovieLensError) as exc:
+        _replay(settings, short)
+        model_dir = _model(settings, train)
+        with _worker(settings, model_dir):
+            _run(settings, model_dir, timeout_s)
+    except (stack.StackError, MovieLensError, KafkaUnavailable, ModelError, ReindexError, UnknownUser, TimeoutError) as exc:
         raise fail(str(exc)) from None
     finally:
         if not (keep_stack or was_running):
             stack.down(settings)
             console.print("stack down")
+
+
+def _replay(settings: Settings, short: bool) -> None:
+    from streams.inspect import topic_counts
+    from streams.movielens import convert, replay
+
+    data_dir = settings.state_dir / "movielens"
+    counts = convert(data_dir, settings)
+    console.print(f"MovieLens-100k converted into {data_dir}: {sum(counts.values()):,} events")
+    if sum(topic_counts(settings).values()) > 0:
+        console.print("topics already hold events: not replaying again (the worker resumes where it stopped)")
+    else:
+        started = time.perf_counter()
+        sent = replay(data_dir, settings, limit=SHORT_EVENTS if short else None)
+        took = time.perf_counter() - started
+        console.print(f"replayed {sum(sent.values()):,} events in {took:.1f}s ({sum(sent.values()) / took:,.0f} events/s)")
+    table = Table("topic", "events in Kafka")
+    for kind, n in topic_counts(settings).items():
+        table.add_row(settings.topic(kind), f"{n:,}")
+    console.print(table)
+
+
+def _model(settings: Settings, train: bool) -> Path:
+    """The untuned MiniLM tower as an artifact (built once), or a briefly fine-tuned one."""
+    from models.artifact import ModelArtifact, export_artifact
+    from models.tower import build_tower
+
+    if train:
+        from training.demo import quick_finetune
+
+        return quick_finetune(settings, settings.state_dir / "models")
+    out = settings.state_dir / "models" / "minilm_base"
+    if (out / "manifest.json").exists():
+        return ModelArtifact.load(out).path
+    with console.status("exporting the untuned MiniLM tower to ONNX..."):
+        artifact = export_artifact(build_tower("minilm", dim=settings.embedding_dim), out, version="minilm_base",
+                                   base_model="minilm")
+    console.print(f"model {artifact.version}: ONNX fp32 parity {artifact.manifest.parity.get('fp32', 0):.4f}")
+    return artifact.path
+
+
+@contextmanager
+def _worker(settings: Settings, model_dir: Path) -> Iterator[subprocess.Popen]:
+    """A stream worker in its own process (as in production), stopped with SIGTERM."""
+    log = settings.state_dir / "logs" / "demo-worker.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **_env(settings)}
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "onetower", "worker", "--model", str(model_dir)],
+                                stdout=fh, stderr=subprocess.STDOUT, env=env)
+    console.print(f"stream worker started (pid {proc.pid}, log {log})")
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        console.print("stream worker stopped")
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    """The settings as ONETOWER_* variables, so a child process sees what the flags set here."""
+    return {f"ONETOWER_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None and not isinstance(v, list)}
+
+
+def _run(settings: Settings, model_dir: Path, timeout_s: float) -> None:
+    from datetime import datetime, timezone
+
+    from indexer.candidates import Retriever
+    from indexer.reindex import reindex
+    from indexer.vectors import VectorIndex
+    from models.artifact import ModelArtifact
+    from streams.events import EngagementEvent
+    from streams.inspect import group_lag
+    from streams.producer import EventProducer
+    from streams.state import StateStore
+    from streams.worker import app_id
+
+    store, index = StateStore.from_settings(settings), VectorIndex(settings)
+    version = ModelArtifact.load(model_dir).version
+    started = time.perf_counter()
+    with console.status("the worker applies the events and encodes every dirty user and item...") as status:
+        def caught_up() -> bool:
+            lag = group_lag(settings, app_id(settings))
+            dirty = store.dirty_count("users") + store.dirty_count("items")
+            status.update(f"worker: {lag:,} events to apply, {dirty:,} users/items to encode")
+            return lag == 0 and dirty == 0
+        _poll(caught_up, timeout_s, "the worker did not catch up")
+    console.print(f"worker caught up in {time.perf_counter() - started:.0f}s")
+    if index.active_version() != version:
+        report = reindex(settings, model_dir, show_progress=True)
+        console.print(f"version {report.version} checked and activated: {report.items:,} items, {report.users:,} users")
+
+    retriever = Retriever(settings, index, store)
+    user = _busiest_user(store)
+    before = retriever.candidates(user, 10)
+    _show(store, user, before, "before")
+
+    liked = before.items[0][0]
+    event = EngagementEvent(user_id=user, item_id=liked, kind_="like", ts=datetime.now(timezone.utc))
+    sent_at = time.perf_counter()
+    with EventProducer(settings) as producer:
+        producer.send(event)
+    title = store.items([liked])[0].features.get("title", liked)
+    console.print(f"\nuser {user} likes [bold]{title}[/] (event at {event.ts:%H:%M:%S.%f})")
+    _poll(lambda: index.stored("users", version).get(user, 0) >= event.ts_ms, 120, "the user's vector was not refreshed")
+    freshness = time.perf_counter() - sent_at
+    after = retriever.candidates(user, 10)
+    _show(store, user, after, f"after, vector refreshed {freshness:.2f}s after the engagement was sent")
+    moved = len({i for i, _ in before.items} - {i for i, _ in after.items})
+    console.print(f"{moved} of 10 candidates changed; freshness {freshness:.2f}s (event sent -> user vector upserted in Milvus)")
+
+
+def _busiest_user(store) -> str:
+    """The user with the longest history, so the demo shows a well-known taste."""
+    ids = list(store.user_ids())
+    states = [s for s in store.users(ids) if s is not None]
+    return max(states, key=lambda s: (len(s.history), s.user_id)).user_id
+
+
+def _show(store, user: str, result, label: str) -> None:
+    items = store.items([i for i, _ in result.items])
+    table = Table("#", "item", "title", "genres", "score", title=f"candidates for user {user} ({label}; model {result.version})")
+    for rank, ((item_id, score), state) in enumerate(zip(result.items, items), 1):
+        features = state.features if state else {}
+        table.add_row(str(rank), item_id, str(features.get("title", "?")), str(features.get("genres", "")), f"{score:.3f}")
+    console.print(table)
+
+
+def _poll(check: Callable[[], T], timeout_s: float, message: str, every_s: float = 0.2) -> T:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(every_s)
+    raise TimeoutError(f"{message} within {timeout_s:.0f}s")

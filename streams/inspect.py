@@ -20,3 +20,20 @@ def topic_counts(settings: Settings) -> dict[str, int]:
         return counts
     finally:
         consumer.close()
+
+
+def group_lag(settings: Settings, group: str, kinds: tuple[str, ...] = ("items", "users", "impressions", "engagements")) -> int:
+    """Records of ``kinds`` not yet committed by consumer group ``group`` (all records when it has no offsets)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, bootstrap_timeout_ms=10_000)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, bootstrap_timeout_ms=10_000)
+    try:
+        committed = admin.list_group_offsets(group).get(group, {})
+        tps = [TopicPartition(settings.topic(kind), p) for kind in kinds
+               for p in consumer.partitions_for_topic(settings.topic(kind)) or ()]
+        begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+        return sum(end[tp] - (committed[tp].offset if tp in committed else begin[tp]) for tp in tps)
+    finally:
+        consumer.close()
+        admin.close()
