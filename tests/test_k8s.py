@@ -18,6 +18,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
+from streams.worker import app_id
+
 from onetower.settings import TOPIC_KINDS, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -342,6 +344,8 @@ def test_worker_scaling_is_bounded_by_partitions(rendered, name):
     trigger = scaled["spec"]["triggers"][0]
     assert trigger["type"] == "kafka"
     assert trigger["metadata"]["bootstrapServers"] == settings_env(app)["ONETOWER_KAFKA_BOOTSTRAP"]
+    assert trigger["metadata"]["consumerGroup"] == app_id(render_env.in_cluster_settings()), \
+        "KEDA must watch the lag of the group the workers consume in"
     consumed = [t for t in deps if t["kind"] == "KafkaTopic" and not t["spec"]["topicName"].endswith("dlq")]
     assert consumed and all(t["spec"]["partitions"] >= scaled["spec"]["maxReplicaCount"] for t in consumed)
 
