@@ -1,0 +1,116 @@
+"""Index and serving commands: ``onetower reindex``, ``rollback``, ``versions``, ``candidates``, ``serve``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from onetower.cli_common import console, fail
+from onetower.settings import get_settings
+
+app = typer.Typer()
+
+
+@app.command()
+def reindex(
+    model: Optional[Path] = typer.Option(None, "--model", help="model artifact directory [default: ONETOWER_MODEL_DIR]"),
+    restart: bool = typer.Option(False, help="drop a half-built copy of this version and start clean instead of resuming"),
+) -> None:
+    """Encode every item and user with a model into new collections, check them, then swap the aliases."""
+    from indexer.reindex import ReindexError
+    from indexer.reindex import reindex as run
+    from indexer.vectors import IndexUnavailable, VersionError
+
+    settings = get_settings()
+    model = model or settings.model_dir
+    if model is None:
+        raise fail("give --model DIR (or set ONETOWER_MODEL_DIR)")
+    try:
+        report = run(settings, model, restart=restart, show_progress=True)
+    except (ReindexError, IndexUnavailable, VersionError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"version [bold]{report.version}[/] active: {report.items} items (from {report.item_source}), "
+                  f"{report.users} users{' (resumed)' if report.resumed else ''}; previous: {report.previous or 'none'}"
+                  + ("" if report.indexed else "; the HNSW index was still building at the swap")
+                  + (f"; dropped {', '.join(report.dropped)}" if report.dropped else ""))
+
+
+@app.command()
+def rollback() -> None:
+    """Re-activate the previous model version (kept for reindex_grace_s after a swap)."""
+    from indexer.reindex import ReindexError
+    from indexer.reindex import rollback as run
+    from indexer.vectors import IndexUnavailable
+
+    try:
+        active, previous = run(get_settings())
+    except (ReindexError, IndexUnavailable) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"version [bold]{active}[/] active again; previous: {previous}")
+
+
+@app.command()
+def versions(gc: bool = typer.Option(False, "--gc", help="drop versions neither active nor kept for rollback")) -> None:
+    """List the model versions in Milvus: which is active, which is kept for rollback, build state."""
+    from indexer.vectors import IndexUnavailable, VectorIndex
+
+    settings = get_settings()
+    index = VectorIndex(settings)
+    try:
+        if gc:
+            dropped = index.collect_garbage(settings.reindex_grace_s)
+            console.print(f"dropped {', '.join(dropped)}" if dropped else "nothing to drop")
+        active, previous = index.active_version(), index.previous_version()
+        table = Table("version", "role", "state", "items", "users", "model dir")
+        for version in index.versions():
+            info = index.version_info(version) or {}
+            role = "active" if version == active else "previous" if version == previous else ""
+            table.add_row(version, role, info.get("state", "?"), str(info.get("items", "")), str(info.get("users", "")),
+                          str(info.get("model_dir", "")))
+    except IndexUnavailable as exc:
+        raise fail(str(exc)) from None
+    console.print(table)
+
+
+@app.command()
+def candidates(
+    user_id: str = typer.Argument(..., help="the user to retrieve for"),
+    k: int = typer.Option(100, "-k", help="how many items"),
+    include_seen: bool = typer.Option(False, "--include-seen", help="keep items the user already engaged with"),
+    filter: Optional[str] = typer.Option(None, "--filter", help='a Milvus expression, e.g. \'attrs["year"] >= 1990\''),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Top-k candidate items for a user, from the active model version."""
+    from indexer.candidates import InvalidRequest, Retriever, ServiceUnavailable, UnknownUser
+    from indexer.vectors import IndexUnavailable, InvalidFilter
+
+    try:
+        result = Retriever(get_settings()).candidates(user_id, k, exclude_seen=not include_seen, filter=filter)
+    except (UnknownUser, InvalidRequest, InvalidFilter, IndexUnavailable, ServiceUnavailable) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        print(json.dumps({"version": result.version, "cold_start": result.cold_start,
+                          "items": [{"item_id": i, "score": s} for i, s in result.items]}))
+        return
+    table = Table("#", "item", "score", title=f"{user_id}: version {result.version}{' (cold start)' if result.cold_start else ''}")
+    for rank, (item_id, score) in enumerate(result.items, 1):
+        table.add_row(str(rank), item_id, f"{score:.4f}")
+    console.print(table)
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="[default: ONETOWER_API_HOST]"),
+    port: Optional[int] = typer.Option(None, help="[default: ONETOWER_API_PORT]"),
+) -> None:
+    """Run the candidates HTTP service (FastAPI; OpenAPI at /docs)."""
+    import uvicorn
+
+    from indexer.api import create_app
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port)

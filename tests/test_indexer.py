@@ -1,0 +1,206 @@
+"""VectorIndex, candidates and the HTTP service on the real Milvus server and redis-server (one test on
+Milvus Lite). Vectors are built with numpy here; the encoder paths are in test_indexer_reindex.py."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from indexer.api import create_app
+from indexer.candidates import Retriever, UnknownUser
+from indexer.vectors import IndexUnavailable, InvalidFilter, VectorIndex, VersionError
+from onetower.settings import Settings
+from streams.events import EngagementEvent
+from streams.state import StateStore
+
+pytestmark = pytest.mark.stack
+
+DIM = 512
+ITEMS = [f"x{i}" for i in range(5)]
+
+
+def basis(i: int) -> np.ndarray:
+    v = np.zeros(DIM, dtype=np.float32)
+    v[i] = 1.0
+    return v
+
+
+def mix(weight: float, main: int, other: int) -> np.ndarray:
+    """A unit vector with cosine ``weight`` to basis ``main`` (the rest on basis ``other``)."""
+    return weight * basis(main) + np.sqrt(1 - weight**2) * basis(other)
+
+
+# Two versions whose rankings differ: in v1 the user is basis 0 and x0 ranks first; in v2 the user is
+# basis 1 and x4 ranks first. A user vector of one version against items of the other scores 0 everywhere.
+VERSIONS = {
+    "v1": (basis(0), np.stack([mix(0.9 - 0.1 * i, 0, 10 + i) for i in range(5)])),
+    "v2": (basis(1), np.stack([mix(0.5 + 0.1 * i, 1, 20 + i) for i in range(5)])),
+}
+EXPECTED = {"v1": ITEMS, "v2": ITEMS[::-1]}
+
+
+@pytest.fixture()
+def srv(settings: Settings) -> Iterator[Settings]:
+    """Per-test settings that read their own writes, with the test's collections and keys dropped after.
+    Strong, not Session: Milvus 2.3.5 returns no timestamp for a delete, so Session reads miss deletes."""
+    s = settings.model_copy(update={"milvus_read_consistency": "Strong"})
+    yield s
+    VectorIndex(s).drop_all()
+    store = StateStore.from_settings(s)
+    keys = list(store.r.scan_iter(match=f"{store.p}*"))
+    if keys:
+        store.r.delete(*keys)
+
+
+def build(index: VectorIndex, versions: tuple[str, ...] = ("v1", "v2")) -> None:
+    for version in versions:
+        user, items = VERSIONS[version]
+        index.ensure_version(version)
+        index.upsert_items(version, ITEMS, items, [{"updated_at": i, "attrs": {"year": 1990 + i}} for i in range(5)])
+        index.upsert_users(version, ["u"], user[None, :], [{"updated_at": 7, "attrs": {"age": 30}}])
+
+
+def test_upsert_replace_delete(srv: Settings) -> None:
+    index = VectorIndex(srv)
+    build(index, ("v1",))
+    hits = index.search_items(basis(0), 5, version="v1")
+    assert [h.id for h in hits] == ITEMS and {h.model_version for h in hits} == {"v1"}
+    assert hits[0].score == pytest.approx(0.9, abs=1e-5)
+    assert index.stored("items", "v1") == {f"x{i}": i for i in range(5)}
+
+    index.upsert_items("v1", ["x4"], basis(0)[None, :], [{"updated_at": 99}])  # replace: x4 now matches exactly
+    hits = index.search_items(basis(0), 2, version="v1")
+    assert [h.id for h in hits] == ["x4", "x0"] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert index.stored("items", "v1")["x4"] == 99 and index.count("items", "v1") == 5
+
+    index.delete_items("v1", ["x4", "x0"])
+    assert [h.id for h in index.search_items(basis(0), 5, version="v1")] == ["x1", "x2", "x3"]
+    assert index.count("items", "v1") == 3
+    np.testing.assert_allclose(index.get_user_vector("u", "v1"), basis(0))
+    assert index.get_user_vector("nobody", "v1") is None
+
+    with pytest.raises(ValueError, match="shape"):
+        index.upsert_items("v1", ["y"], np.ones((1, 3)))
+    with pytest.raises(VersionError, match="letters, digits"):
+        index.ensure_version("bad.version")
+
+
+def test_filters_and_invalid_filter(srv: Settings) -> None:
+    index = VectorIndex(srv)
+    build(index, ("v1",))
+    hits = index.search_items(basis(0), 5, filter='attrs["year"] >= 1993', version="v1")
+    assert [h.id for h in hits] == ["x3", "x4"]
+    with pytest.raises(InvalidFilter, match="invalid filter"):
+        index.search_items(basis(0), 5, filter='attrs["year"] >=== 1993', version="v1")
+
+
+def test_alias_swap_during_queries_never_mixes_versions(srv: Settings) -> None:
+    build(VectorIndex(srv))
+    swapper = VectorIndex(srv)  # another client, as a re-index in another process would be
+    swapper.activate("v1")
+    retriever = Retriever(srv)
+    done = threading.Event()
+
+    def swap() -> None:
+        try:
+            for version in ("v2", "v1", "v2", "v1", "v2"):
+                swapper.activate(version)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=swap)
+    thread.start()
+    seen: dict[str, int] = {"v1": 0, "v2": 0}
+    while not done.is_set():
+        result = retriever.candidates("u", 5, exclude_seen=False)
+        assert [item for item, _ in result.items] == EXPECTED[result.version], result
+        assert result.items[0][1] > 0.85  # a mixed pair would score 0
+        seen[result.version] += 1
+    thread.join()
+    assert seen["v1"] and seen["v2"], seen
+    assert swapper.active_version() == "v2" and swapper.previous_version() == "v1"
+    assert swapper.client.describe_alias(swapper.alias("users"))["collection_name"] == swapper.collection("users", "v2")
+
+
+def test_rollback_and_drop(srv: Settings) -> None:
+    index = VectorIndex(srv)
+    build(index)
+    with pytest.raises(VersionError, match="no previous version"):
+        index.rollback()
+    index.activate("v1")
+    index.activate("v2")
+    assert index.rollback() == "v1"
+    assert (index.active_version(), index.previous_version()) == ("v1", "v2")
+    assert Retriever(srv).candidates("u", 5, exclude_seen=False).version == "v1"
+    with pytest.raises(VersionError, match="is active"):
+        index.drop_version("v1")
+    assert index.collect_garbage(grace_s=3600) == []  # the previous version is kept within its grace period
+    assert index.collect_garbage(grace_s=0) == ["v2"]
+    assert index.versions() == ["v1"] and index.previous_version() is None
+
+
+def test_exclude_seen_keeps_k(srv: Settings) -> None:
+    index = VectorIndex(srv)
+    build(index, ("v1",))
+    index.activate("v1")
+    StateStore.from_settings(srv).apply_many([EngagementEvent(user_id="u", item_id=i) for i in ("x0", "x2")])
+    retriever = Retriever(srv)
+    result = retriever.candidates("u", 3)
+    assert [i for i, _ in result.items] == ["x1", "x3", "x4"] and not result.cold_start
+    assert [i for i, _ in retriever.candidates("u", 3, exclude_seen=False).items] == ["x0", "x1", "x2"]
+    with pytest.raises(UnknownUser, match="ghost"):
+        retriever.candidates("ghost", 3)
+
+
+def test_http_status_codes(srv: Settings) -> None:
+    index = VectorIndex(srv)
+    build(index, ("v1",))
+    client = TestClient(create_app(srv))
+    assert client.get("/readyz").status_code == 503  # nothing active yet
+    index.activate("v1")
+
+    r = client.get("/v1/users/u/candidates", params={"k": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == "v1" and [c["item_id"] for c in r.json()["items"]] == ["x0", "x1"]
+    r = client.get("/v1/users/u/candidates", params={"k": 5, "filter": 'attrs["year"] >= 1994'})
+    assert [c["item_id"] for c in r.json()["items"]] == ["x4"]
+    assert client.get("/v1/users/ghost/candidates").status_code == 404
+    assert client.get("/v1/users/u/candidates", params={"k": 0}).status_code == 422
+    assert client.get("/v1/users/u/candidates", params={"k": srv.candidates_max_k + 1}).status_code == 422
+    assert client.get("/v1/users/u/candidates", params={"filter": 'attrs["year"] >=== 1'}).status_code == 422
+    assert client.post("/v1/candidates", json={"k": "many"}).status_code == 422
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready", "version": "v1"}
+    assert "/v1/users/{user_id}/candidates" in client.get("/openapi.json").json()["paths"]
+    metrics = client.get("/metrics").text
+    assert 'onetower_http_requests_total{route="/v1/users/{user_id}/candidates",status="404"} 1.0' in metrics
+
+    down = TestClient(create_app(srv.model_copy(update={"milvus_uri": "http://127.0.0.1:1"})))
+    r = down.get("/v1/users/u/candidates")
+    assert r.status_code == 503 and "127.0.0.1:1" in r.json()["detail"]
+    assert down.get("/readyz").status_code == 503
+    assert down.get("/healthz").status_code == 200
+
+
+def test_milvus_lite(srv: Settings, tmp_path: Path) -> None:
+    lite = srv.model_copy(update={"milvus_uri": str(tmp_path / "onetower.db")})
+    index = VectorIndex(lite)
+    build(index)
+    index.activate("v1")
+    index.activate("v2")
+    assert [i for i, _ in Retriever(lite, index=index).candidates("u", 5, exclude_seen=False).items] == EXPECTED["v2"]
+    assert [h.id for h in index.search_items(basis(1), 5, filter='attrs["year"] < 1992')] == ["x1", "x0"]
+    index.delete_items("v2", ["x4"])
+    assert index.count("items", "v2") == 4
+    assert index.rollback() == "v1" and index.active_version() == "v1"
+    index.close()
+
+
+def test_unreachable_milvus_is_one_line(srv: Settings) -> None:
+    with pytest.raises(IndexUnavailable, match=r"^Milvus at http://127.0.0.1:1 failed to connect: [^\n]+$"):
+        VectorIndex(srv.model_copy(update={"milvus_uri": "http://127.0.0.1:1"})).active_version()
