@@ -1,4 +1,4 @@
-"""Event commands: ``onetower topics``, ``produce``, ``dataset movielens``, ``replay``."""
+"""Event commands: ``onetower topics``, ``produce``, ``dataset movielens``, ``replay``, ``worker``."""
 
 from __future__ import annotations
 
@@ -113,3 +113,35 @@ def replay(
     for kind, n in counts.items():
         table.add_row(kind, f"{n:,}")
     console.print(table)
+
+
+@app.command()
+def worker(
+    model: Optional[Path] = typer.Option(None, "--model", help="model artifact directory [env ONETOWER_MODEL_DIR]"),
+    refresh: bool = typer.Option(True, "--refresh/--no-refresh", help="re-encode dirty users and items (off: state updates only)"),
+    loglevel: str = typer.Option("info", help="debug, info, warning or error"),
+) -> None:
+    """Run a stream worker: apply events to Redis, re-encode what changed, upsert vectors (until SIGTERM)."""
+    from streams.worker import run_worker
+
+    settings = get_settings()
+    refresher = None
+    if refresh:
+        from indexer.vectors import VectorIndex
+        from models.encoder import Encoder
+        from models.errors import ModelError
+        from streams.refresher import Refresher
+        from streams.state import StateStore
+
+        model_dir = model or settings.model_dir
+        if model_dir is None:
+            raise fail("give --model DIR (or set ONETOWER_MODEL_DIR), or run with --no-refresh")
+        try:
+            encoder = Encoder.load(model_dir)
+        except ModelError as exc:
+            raise fail(str(exc)) from None
+        refresher = Refresher(settings, StateStore.from_settings(settings), encoder, VectorIndex(settings))
+    try:
+        run_worker(settings, refresher, loglevel=loglevel)
+    except KafkaUnavailable as exc:
+        raise fail(str(exc)) from None

@@ -1,0 +1,118 @@
+"""The refresher: drains dirty users and items in micro-batches, encodes them, upserts their vectors.
+
+A micro-batch is bounded by ``refresh_batch`` entities and waits ``refresh_debounce_s`` after an
+entity's first change, so a burst of events on one user costs one encode. Dirty marks are leased on
+pop and acknowledged only after Milvus took the vectors: a worker that dies mid-batch leaves its
+entities to come back when the lease ends, so every dirty entity gets its vector.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+import redis
+
+from indexer.texts import item_texts, user_texts
+from indexer.vectors import IndexUnavailable, VectorIndex
+from onetower.settings import Settings
+from streams import metrics
+from streams.state import Kind, StateStore
+
+if TYPE_CHECKING:
+    from models.encoder import Encoder
+    from models.render import PercentileTable
+
+log = logging.getLogger("onetower.refresher")
+
+TABLES_RELOAD_S = 1.0  # how stale this worker's copy of the percentile tables may get
+BUCKET_CHECK_S = 1.0  # how often items whose counters changed are checked for a bucket move
+ERROR_BACKOFF_S = 1.0
+
+
+class Refresher:
+    """Re-encodes dirty entities with one model version; ``run_once`` is one step of the loop."""
+
+    def __init__(self, settings: Settings, store: StateStore, encoder: "Encoder", index: VectorIndex) -> None:
+        self.settings = settings
+        self.store = store
+        self.encoder = encoder
+        self.index = index
+        self.version = encoder.version
+        self._tables: dict[str, PercentileTable] = {}
+        self._tables_loaded = 0.0
+        self._buckets_checked = 0.0
+
+    def start(self) -> None:
+        """Create the version's collections and fit the percentile tables if none exist yet."""
+        self.index.ensure_version(self.version)
+        self._tables = self.store.percentile_tables()
+        if self.store.claim_percentile_refresh(self.settings.percentile_refresh_s) or not self._tables:
+            self._tables = self.store.refresh_percentile_tables()
+        self._tables_loaded = time.monotonic()
+
+    def run_once(self) -> int:
+        """Refit the tables when due, queue items whose bucket moved, then one micro-batch of items
+        (first: users' texts show item features) and one of users. Returns the entities handled."""
+        try:
+            self._maintain_tables()
+            done = 0
+            settled = int((time.time() - self.settings.refresh_debounce_s) * 1000)
+            for kind in ("items", "users"):
+                ids = self.store.pop_dirty(kind, self.settings.refresh_batch, settled)
+                if ids:
+                    done += self.refresh(kind, ids)
+                metrics.DIRTY.labels(kind).set(self.store.dirty_count(kind))
+            return done
+        except redis.RedisError as exc:
+            metrics.REDIS_ERRORS.inc()
+            log.warning("redis call failed; retrying", extra={"error": str(exc)})
+        except IndexUnavailable as exc:
+            metrics.MILVUS_ERRORS.inc()
+            log.warning("milvus call failed; the batch returns when its lease ends", extra={"error": str(exc)})
+        time.sleep(ERROR_BACKOFF_S)
+        return 0
+
+    def _maintain_tables(self) -> None:
+        if self.store.claim_percentile_refresh(self.settings.percentile_refresh_s):
+            self._tables = self.store.refresh_percentile_tables()
+            self._tables_loaded = time.monotonic()
+            log.info("percentile tables refitted", extra={"items": max((t.n for t in self._tables.values()), default=0)})
+        elif time.monotonic() - self._tables_loaded > TABLES_RELOAD_S:
+            # No tables yet (no item when they were last fitted): fit as soon as items exist.
+            self._tables = self.store.percentile_tables() or self.store.refresh_percentile_tables()
+            self._tables_loaded = time.monotonic()
+        if time.monotonic() - self._buckets_checked > BUCKET_CHECK_S:
+            self.store.check_buckets(limit=10 * self.settings.refresh_batch, tables=self._tables)
+            self._buckets_checked = time.monotonic()
+
+    def refresh(self, kind: Kind, ids: Sequence[str]) -> int:
+        """Encode and upsert (or delete) ``ids``, then acknowledge their dirty marks."""
+        if kind == "items":
+            states: Sequence[Any] = self.store.items(ids)
+            texts = item_texts(self.store, ids, self._tables)
+        else:
+            states = self.store.users(ids)
+            texts = user_texts(self.store, ids, tokenizer=self.encoder.tokenizer, max_tokens=self.encoder.max_seq_length)
+        live = [(i, st, text) for i, st, text in zip(ids, states, texts) if text is not None]
+        gone = [i for i, st in zip(ids, states) if st is None or getattr(st, "deleted", False)]
+        if live:
+            started = time.perf_counter()
+            vectors = self.encoder.encode([text for _, _, text in live])
+            metrics.ENCODE_SECONDS.labels(kind).observe(time.perf_counter() - started)
+            metrics.ENCODE_BATCH.labels(kind).observe(len(live))
+            fields = [{"updated_at": max(st.updated_ms, 0),
+                       "attrs": st.features if kind == "items" else st.profile} for _, st, _ in live]
+            upsert = self.index.upsert_items if kind == "items" else self.index.upsert_users
+            upsert(self.version, [i for i, _, _ in live], vectors, fields)
+            now_ms = time.time() * 1000
+            for _, st, _ in live:
+                if st.updated_ms >= 0:
+                    metrics.FRESHNESS.labels(kind).observe(max(now_ms - st.updated_ms, 0) / 1000)
+        if gone:
+            (self.index.delete_items if kind == "items" else self.index.delete_users)(self.version, gone)
+        self.store.ack_dirty(kind, ids)
+        metrics.ENCODED.labels(kind).inc(len(live) + len(gone))
+        log.debug("refreshed", extra={"kind": kind, "encoded": len(live), "deleted": len(gone), "popped": len(ids)})
+        return len(ids)

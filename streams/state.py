@@ -1,0 +1,419 @@
+"""The streaming state in Redis (DESIGN.md, State): profiles, histories, counters, dirty queues.
+
+Exactly-once effect under at-least-once delivery: every event is applied by ONE Lua script that
+first claims the event's idempotency key (``SET NX EX``) and then changes the state, so a replay
+(after a crash, a rebalance, or a producer retry) changes nothing, and a crash cannot land between
+the claim and the change. The same script marks the entity dirty, so an applied event always
+leaves its entity queued for re-encoding.
+
+Layout (``P`` = ``settings.redis_key_prefix``; every key ends in a type suffix, so ids may hold ':'):
+
+=====================  ======  =====================================================================
+``P ev:<kind>:<id>``   string  idempotency key of one event, expires after ``dedup_ttl_s``
+``P u:<uid>:m``        hash    ``ts`` (event time of the latest profile/engagement reflected),
+                               ``pts`` (profile event time), ``its`` (latest impression time)
+``P u:<uid>:p``        hash    profile feature -> JSON value (replaced by each newer user event)
+``P u:<uid>:h``        zset    history: item -> event time of the latest engagement, capped
+``P u:<uid>:e``        set     every item the user engaged with (uncapped; for exclude-seen)
+``P u:<uid>:i``        zset    recent impressions: item -> event time, capped
+``P i:<iid>:m``        hash    ``ts`` (latest event time reflected), ``fts`` (features event time),
+                               ``cts`` (newest counter event time), ``deleted``, ``n`` (counter
+                               changes), ``b`` (JSON percentile buckets at the last check)
+``P i:<iid>:f``        hash    feature -> JSON value (replaced by each newer item event)
+``P i:<iid>:c:<sig>``  hash    hour bucket -> count, per signal (impressions, engagements)
+``P dirty:<kind>``     zset    entities waiting for re-encoding -> wall-clock ms of first dirt
+``P dirty:items:counts``  zset  items whose percentile bucket moved, the same (popped only after
+                               ``dirty:items``: a new item never waits behind a wave of bucket moves)
+``P inflight:<kind>``  zset    entities popped for re-encoding -> lease deadline (wall-clock ms)
+``P counted``          zset    items whose counters changed since their buckets were checked -> ``n``
+``P pct``              hash    counter name -> PercentileTable JSON
+``P pct:due``          string  set (with a TTL of the refit interval) by the worker that refits
+=====================  ======  =====================================================================
+
+One Redis primary is assumed: the scripts touch a user's, an item's and the queue keys together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
+
+import redis
+
+from onetower.settings import Settings
+from streams.counters import BUCKET_MS, COUNTER_NAMES, MAX_WINDOW_H, SIGNALS, window_counts
+from streams.events import EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent
+
+if TYPE_CHECKING:
+    from models.render import PercentileTable
+
+Kind = Literal["users", "items"]
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    item_id: str
+    ts_ms: int
+
+
+@dataclass(frozen=True)
+class UserState:
+    user_id: str
+    profile: dict[str, Any]
+    history: list[HistoryEntry]  # oldest first, capped at settings.history_len, one entry per item (latest ts)
+    updated_ms: int  # event time of the latest profile or engagement event reflected (what the vector shows)
+
+
+@dataclass(frozen=True)
+class ItemState:
+    item_id: str
+    features: dict[str, Any]
+    counters: dict[str, int]  # COUNTER_NAMES as of the newest counter event time seen for this item
+    deleted: bool
+    updated_ms: int
+
+
+# Shared Lua: count one signal for an item (hour bucket, prune buckets outside the longest window,
+# newest counter time, change number), and queue the item for a bucket check.
+_COUNT = """
+local function count(meta, cnt, counted, item, ts, bucket_ms, max_window_h)
+  local b = math.floor(ts / bucket_ms)
+  local cts = tonumber(redis.call('HGET', meta, 'cts') or '-1')
+  if ts > cts then cts = ts; redis.call('HSET', meta, 'cts', ts) end
+  if redis.call('HINCRBY', cnt, b, 1) == 1 then
+    local horizon = math.floor(cts / bucket_ms) - max_window_h
+    for _, f in ipairs(redis.call('HKEYS', cnt)) do
+      if tonumber(f) <= horizon then redis.call('HDEL', cnt, f) end
+    end
+  end
+  local mts = tonumber(redis.call('HGET', meta, 'ts') or '-1')
+  if ts > mts then redis.call('HSET', meta, 'ts', ts) end
+  redis.call('ZADD', counted, redis.call('HINCRBY', meta, 'n', 1), item)
+end
+"""
+
+# KEYS: ev, u_meta, u_hist, u_seen, dirty_users, i_meta, i_cnt, counted
+# ARGV: ttl, user_id, item_id, ts, history_len, now_ms, bucket_ms, max_window_h
+_ENGAGEMENT = _COUNT + """
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+local ts = tonumber(ARGV[4])
+redis.call('ZADD', KEYS[3], 'GT', ts, ARGV[3])
+local extra = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[5])
+if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, extra - 1) end
+redis.call('SADD', KEYS[4], ARGV[3])
+if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
+redis.call('ZADD', KEYS[5], 'NX', ARGV[6], ARGV[2])
+count(KEYS[6], KEYS[7], KEYS[8], ARGV[3], ts, tonumber(ARGV[7]), tonumber(ARGV[8]))
+return 1
+"""
+
+# KEYS: ev, u_meta, u_imp, i_meta, i_cnt, counted
+# ARGV: ttl, item_id, ts, impressions_len, bucket_ms, max_window_h
+_IMPRESSION = _COUNT + """
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+local ts = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[3], 'GT', ts, ARGV[2])
+local extra = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
+if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, extra - 1) end
+if ts > tonumber(redis.call('HGET', KEYS[2], 'its') or '-1') then redis.call('HSET', KEYS[2], 'its', ts) end
+count(KEYS[4], KEYS[5], KEYS[6], ARGV[2], ts, tonumber(ARGV[5]), tonumber(ARGV[6]))
+return 1
+"""
+
+# Profile or item features: replaced when the event is not older than the stored ones (compacted
+# topics carry full state per key; an out-of-order older event must not win).
+# KEYS: ev, meta, features, dirty      ARGV: ttl, entity_id, ts, now_ms, deleted ('' for users), k1, v1, ...
+_ENTITY = """
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+local ts = tonumber(ARGV[3])
+local tsf = ARGV[5] == '' and 'pts' or 'fts'
+if ts < tonumber(redis.call('HGET', KEYS[2], tsf) or '-1') then return 1 end
+redis.call('DEL', KEYS[3])
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[2], tsf, ts)
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'deleted', ARGV[5]) end
+if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
+redis.call('ZADD', KEYS[4], 'NX', ARGV[4], ARGV[2])
+return 1
+"""
+
+# Move up to ARGV[2] entities to inflight with a lease: first those whose lease expired (a worker
+# died mid-batch), then settled dirty ones, queue by queue, that are not under a live lease (another
+# worker encodes them). A popped entity leaves every queue: one encode covers all its changes.
+# KEYS: inflight, dirty queue 1, dirty queue 2, ...    ARGV: settled_before_ms, limit, now_ms, lease_ms
+_POP = """
+local limit, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+local deadline = now + tonumber(ARGV[4])
+local out, seen = {}, {}
+local function take(id)
+  for q = 2, #KEYS do redis.call('ZREM', KEYS[q], id) end
+  if not seen[id] then out[#out + 1] = id; seen[id] = true end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)) do take(id) end
+for q = 2, #KEYS do
+  if #out >= limit then break end
+  local window = limit - #out + redis.call('ZCARD', KEYS[1])
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[q], '-inf', ARGV[1], 'LIMIT', 0, window)) do
+    if #out >= limit then break end
+    local lease = redis.call('ZSCORE', KEYS[1], id)
+    if seen[id] or not lease or tonumber(lease) <= now then take(id) end
+  end
+end
+for _, id in ipairs(out) do redis.call('ZADD', KEYS[1], deadline, id) end
+return out
+"""
+
+# Remove checked items from ``counted`` unless they changed again meanwhile (their score grew).
+# KEYS: counted    ARGV: id1, n1, id2, n2, ...
+_UNCOUNT = """
+for i = 1, #ARGV, 2 do
+  local n = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if n and tonumber(n) <= tonumber(ARGV[i + 1]) then redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+return 0
+"""
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _encode_features(features: Mapping[str, Any]) -> list[str]:
+    return [x for k, v in features.items() for x in (k, json.dumps(v))]
+
+
+def _decode_features(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
+    return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+class StateStore:
+    """Reads and writes the streaming state; one event = one script call, batches = one pipeline."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.r = client
+        self.settings = settings
+        self.p = settings.redis_key_prefix
+        self._engagement = client.register_script(_ENGAGEMENT)
+        self._impression = client.register_script(_IMPRESSION)
+        self._entity = client.register_script(_ENTITY)
+        self._pop = client.register_script(_POP)
+        self._uncount = client.register_script(_UNCOUNT)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "StateStore":
+        return cls(redis.Redis.from_url(settings.redis_url, health_check_interval=30), settings)
+
+    # -- keys ---------------------------------------------------------------------------------
+    def _u(self, uid: str, suffix: str) -> str:
+        return f"{self.p}u:{uid}:{suffix}"
+
+    def _i(self, iid: str, suffix: str) -> str:
+        return f"{self.p}i:{iid}:{suffix}"
+
+    def _q(self, name: str) -> str:
+        return f"{self.p}{name}"
+
+    # -- writes -------------------------------------------------------------------------------
+    def apply(self, event: Event) -> bool:
+        """Apply one event; False when its id was already applied (a replay changes nothing)."""
+        return self.apply_many([event])[0]
+
+    def apply_many(self, events: Sequence[Event], now_ms: int | None = None) -> list[bool]:
+        """Apply events in order in one round trip; each is atomic and idempotent on its own."""
+        now = _now_ms() if now_ms is None else now_ms
+        s = self.settings
+        pipe = self.r.pipeline(transaction=False)
+        for ev in events:
+            ev_key = self._q(f"ev:{ev.kind}:{ev.event_id}")
+            if isinstance(ev, EngagementEvent):
+                self._engagement(
+                    keys=[ev_key, self._u(ev.user_id, "m"), self._u(ev.user_id, "h"), self._u(ev.user_id, "e"),
+                          self._q("dirty:users"), self._i(ev.item_id, "m"), self._i(ev.item_id, "c:engagements"),
+                          self._q("counted")],
+                    args=[s.dedup_ttl_s, ev.user_id, ev.item_id, ev.ts_ms, s.history_len, now, BUCKET_MS, MAX_WINDOW_H],
+                    client=pipe)
+            elif isinstance(ev, ImpressionEvent):
+                self._impression(
+                    keys=[ev_key, self._u(ev.user_id, "m"), self._u(ev.user_id, "i"), self._i(ev.item_id, "m"),
+                          self._i(ev.item_id, "c:impressions"), self._q("counted")],
+                    args=[s.dedup_ttl_s, ev.item_id, ev.ts_ms, s.recent_impressions_len, BUCKET_MS, MAX_WINDOW_H],
+                    client=pipe)
+            elif isinstance(ev, UserEvent):
+                self._entity(keys=[ev_key, self._u(ev.user_id, "m"), self._u(ev.user_id, "p"), self._q("dirty:users")],
+                             args=[s.dedup_ttl_s, ev.user_id, ev.ts_ms, now, "", *_encode_features(ev.features)],
+                             client=pipe)
+            elif isinstance(ev, ItemEvent):
+                self._entity(keys=[ev_key, self._i(ev.item_id, "m"), self._i(ev.item_id, "f"), self._q("dirty:items")],
+                             args=[s.dedup_ttl_s, ev.item_id, ev.ts_ms, now, int(ev.deleted),
+                                   *_encode_features({} if ev.deleted else ev.features)],
+                             client=pipe)
+            else:
+                raise TypeError(f"not an event: {type(ev).__name__}")
+        return [bool(x) for x in pipe.execute()]
+
+    # -- reads --------------------------------------------------------------------------------
+    def users(self, ids: Sequence[str]) -> list[UserState | None]:
+        """User states in the order of ``ids``; None for a user with no state."""
+        pipe = self.r.pipeline(transaction=False)
+        for uid in ids:
+            pipe.hgetall(self._u(uid, "m"))
+            pipe.hgetall(self._u(uid, "p"))
+            pipe.zrange(self._u(uid, "h"), 0, -1, withscores=True)
+        res = pipe.execute()
+        out: list[UserState | None] = []
+        for n, uid in enumerate(ids):
+            meta, profile, hist = res[3 * n: 3 * n + 3]
+            if not meta:
+                out.append(None)
+                continue
+            out.append(UserState(
+                user_id=uid, profile=_decode_features(profile),
+                history=[HistoryEntry(item.decode(), int(ts)) for item, ts in hist],
+                updated_ms=int(meta.get(b"ts", -1))))
+        return out
+
+    def items(self, ids: Sequence[str]) -> list[ItemState | None]:
+        """Item states in the order of ``ids``; None for an item with no state (neither features nor counts)."""
+        pipe = self.r.pipeline(transaction=False)
+        for iid in ids:
+            pipe.hgetall(self._i(iid, "m"))
+            pipe.hgetall(self._i(iid, "f"))
+            for signal in SIGNALS:
+                pipe.hgetall(self._i(iid, f"c:{signal}"))
+        res = pipe.execute()
+        width = 2 + len(SIGNALS)
+        out: list[ItemState | None] = []
+        for n, iid in enumerate(ids):
+            meta, features, *buckets = res[width * n: width * (n + 1)]
+            if not meta:
+                out.append(None)
+                continue
+            as_of = int(meta.get(b"cts", -1))
+            counters: dict[str, int] = {}
+            for signal, raw in zip(SIGNALS, buckets):
+                counters.update(window_counts({int(b): int(c) for b, c in raw.items()}, as_of, signal))
+            out.append(ItemState(item_id=iid, features=_decode_features(features), counters=counters,
+                                 deleted=meta.get(b"deleted") == b"1", updated_ms=int(meta.get(b"ts", -1))))
+        return out
+
+    def _scan_ids(self, entity: str) -> Iterator[str]:
+        head = f"{self.p}{entity}:"
+        for key in self.r.scan_iter(match=f"{_glob_escape(head)}*:m", count=1000):
+            yield key.decode()[len(head):-2]
+
+    def user_ids(self) -> Iterator[str]:
+        """Every user with any state (SCAN: may repeat an id; callers needing a set should make one)."""
+        return self._scan_ids("u")
+
+    def item_ids(self) -> Iterator[str]:
+        """Every item with any state, features or counts (SCAN: may repeat an id)."""
+        return self._scan_ids("i")
+
+    def engaged_items(self, user_id: str) -> set[str]:
+        """Every item the user ever engaged with (a separate uncapped set, not the capped history)."""
+        return {m.decode() for m in self.r.smembers(self._u(user_id, "e"))}
+
+    def recent_impressions(self, user_id: str) -> list[HistoryEntry]:
+        """The user's most recent impressions, oldest first (capped at recent_impressions_len)."""
+        return [HistoryEntry(i.decode(), int(ts)) for i, ts in self.r.zrange(self._u(user_id, "i"), 0, -1, withscores=True)]
+
+    # -- popularity percentiles ------------------------------------------------------------------
+    def percentile_tables(self) -> dict[str, "PercentileTable"]:
+        """The stored table per counter name (empty until the first refresh)."""
+        from models.render import PercentileTable
+
+        return {k.decode(): PercentileTable.from_json(v.decode()) for k, v in self.r.hgetall(self._q("pct")).items()}
+
+    def refresh_percentile_tables(self, batch: int = 1000) -> dict[str, "PercentileTable"]:
+        """Refit every counter's table on all items' counts, store it, and mark dirty every item
+        whose bucket moved (the buckets are part of the item's text)."""
+        from models.render import PercentileTable
+
+        ids = list(dict.fromkeys(self.item_ids()))
+        states = [st for start in range(0, len(ids), batch) for st in self.items(ids[start:start + batch]) if st]
+        if not states:
+            return {}
+        tables = {name: PercentileTable.fit([st.counters[name] for st in states]) for name in COUNTER_NAMES}
+        self.r.hset(self._q("pct"), mapping={name: t.to_json() for name, t in tables.items()})
+        for start in range(0, len(states), batch):
+            self._recheck(states[start:start + batch], tables, {})
+        return tables
+
+    def claim_percentile_refresh(self, interval_s: float) -> bool:
+        """True for the one caller (of all workers) that should refit the tables in this interval."""
+        return bool(self.r.set(self._q("pct:due"), 1, nx=True, px=max(int(interval_s * 1000), 1)))
+
+    def check_buckets(self, limit: int = 1000, tables: Mapping[str, "PercentileTable"] | None = None) -> list[str]:
+        """Items whose counters changed: mark dirty those whose percentile bucket moved; returns them.
+
+        The check is off the event path (so an event stays one script call) and crash-safe: an item
+        leaves ``counted`` only after its new buckets are stored and its dirty mark is set.
+        """
+        tables = self.percentile_tables() if tables is None else tables
+        pending = self.r.zrange(self._q("counted"), 0, limit - 1, withscores=True)
+        if not pending or not tables:
+            return []
+        change_no = {m.decode(): int(n) for m, n in pending}
+        states = [st for st in self.items(list(change_no)) if st]
+        return self._recheck(states, tables, change_no)
+
+    def _recheck(self, states: Sequence[ItemState], tables: Mapping[str, "PercentileTable"],
+                 change_no: Mapping[str, int]) -> list[str]:
+        stored = self.r.pipeline(transaction=False)
+        for st in states:
+            stored.hget(self._i(st.item_id, "m"), "b")
+        previous = stored.execute()
+        now = _now_ms()
+        moved: list[str] = []
+        pipe = self.r.pipeline(transaction=True)
+        for st, prev in zip(states, previous):
+            buckets = json.dumps({name: tables[name].bucket(st.counters[name]) for name in COUNTER_NAMES if name in tables},
+                                 sort_keys=True)
+            if prev is not None and prev.decode() == buckets:
+                continue
+            pipe.hset(self._i(st.item_id, "m"), "b", buckets)
+            if st.features and not st.deleted:  # no stored buckets yet: its vector has none either
+                moved.append(st.item_id)
+        if moved:
+            pipe.zadd(self._q("dirty:items:counts"), {iid: now for iid in moved}, nx=True)
+        if change_no:
+            self._uncount(keys=[self._q("counted")], args=[x for kv in change_no.items() for x in kv], client=pipe)
+        pipe.execute()
+        return moved
+
+    # -- dirty queues ---------------------------------------------------------------------------
+    def mark_dirty(self, kind: Kind, ids_with_ts: Mapping[str, int]) -> None:
+        """Queue entities for re-encoding; ``ids_with_ts`` maps id -> wall-clock ms of the change.
+        A queued entity keeps its first time (the debounce window starts at the first change)."""
+        if ids_with_ts:
+            self.r.zadd(self._q(f"dirty:{kind}"), dict(ids_with_ts), nx=True)
+
+    def pop_dirty(self, kind: Kind, limit: int, settled_before_ms: int) -> list[str]:
+        """Take up to ``limit`` entities dirty since before ``settled_before_ms`` (plus any whose
+        lease expired), leased for ``refresh_lease_s``: call ``ack_dirty`` after their vectors are
+        upserted; unacknowledged ones return to the queue when the lease ends (a crashed worker)."""
+        out = self._pop(keys=[self._q(f"inflight:{kind}"), *self._queues(kind)],
+                        args=[settled_before_ms, limit, _now_ms(), int(self.settings.refresh_lease_s * 1000)])
+        return [x.decode() for x in out]
+
+    def ack_dirty(self, kind: Kind, ids: Sequence[str]) -> None:
+        """The vectors of ``ids`` are upserted: end their leases. A change made meanwhile re-queued them."""
+        if ids:
+            self.r.zrem(self._q(f"inflight:{kind}"), *ids)
+
+    def dirty_count(self, kind: Kind) -> int:
+        """Entities waiting or leased for re-encoding (zero = the vectors reflect all applied events)."""
+        pipe = self.r.pipeline(transaction=False)
+        for key in (self._q(f"inflight:{kind}"), *self._queues(kind)):
+            pipe.zcard(key)
+        return sum(pipe.execute())
+
+    def _queues(self, kind: Kind) -> list[str]:
+        """Dirty queues of ``kind`` in the order they are served."""
+        return [self._q(f"dirty:{kind}")] + ([self._q("dirty:items:counts")] if kind == "items" else [])
+
+
+def _glob_escape(s: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in s)

@@ -1,0 +1,211 @@
+"""The stream worker (``onetower worker``): faust agents apply events to Redis; a refresher re-encodes.
+
+Delivery is at-least-once and the effect exactly-once: an agent takes a batch of records from a
+topic, applies the valid ones to Redis (each event one idempotent script, see ``streams.state``),
+sends the invalid ones to the DLQ and waits for the broker's acknowledgement, and only then lets
+faust acknowledge the batch, whose offsets are committed after that. A crash anywhere before the
+commit replays the batch, and the replay changes nothing that was already applied. Failures of Redis
+are retried in place (the batch is never acknowledged unapplied); a record Redis rejects as such
+goes to the DLQ like invalid input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import faust
+import redis
+from faust.types import EventT
+
+from onetower.settings import Settings
+from streams import metrics
+from streams.events import DeadLetter, Event, InvalidEvent, parse_event
+from streams.refresher import Refresher
+from streams.state import StateStore
+from streams.topics import ensure_topics
+
+log = logging.getLogger("onetower.worker")
+
+KINDS = ("items", "users", "impressions", "engagements")
+TAKE_MAX = 500  # records per agent batch: one Redis round trip
+TAKE_WITHIN_S = 0.02  # longest wait to fill a batch
+REDIS_RETRY_S = 0.5
+LAG_EVERY_S = 5.0
+IDLE_SLEEP_S = 0.05  # refresher pause when nothing was dirty (bounds idle Redis polling)
+
+T = TypeVar("T")
+
+
+def app_id(settings: Settings) -> str:
+    """The consumer group: workers with the same topic prefix split the partitions between them."""
+    return f"onetower-worker-{settings.topic_prefix.rstrip('.') or 'default'}"
+
+
+async def _finish(fut: Awaitable[T]) -> T:
+    """Await ``fut`` to its end even if this task is cancelled meanwhile (a stop), then re-raise the
+    cancellation: work that must not be cut in half (a batch, a micro-batch) completes first."""
+    task = asyncio.ensure_future(fut)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+class EventApplier:
+    """Applies one agent batch: parse, apply (retrying Redis), dead-letter what cannot be applied."""
+
+    def __init__(self, store: StateStore, send_dlq: Callable[[bytes | None, bytes], Awaitable[Any]],
+                 pool: ThreadPoolExecutor) -> None:
+        self.store = store
+        self.send_dlq = send_dlq
+        self.pool = pool
+
+    async def handle(self, kind: str, records: Sequence[EventT]) -> None:
+        valid: list[tuple[Event, EventT]] = []
+        dead: list[tuple[EventT, str]] = []
+        for rec in records:
+            value = rec.message.value
+            try:
+                if value is None:
+                    raise InvalidEvent("null value (a tombstone): entities are deleted by an event with deleted=true")
+                valid.append((parse_event(kind, value), rec))
+            except InvalidEvent as exc:
+                dead.append((rec, str(exc)))
+        if valid:
+            results = await self._apply([ev for ev, _ in valid])
+            for (ev, rec), res in zip(valid, results):
+                if isinstance(res, redis.ResponseError):
+                    dead.append((rec, f"redis rejected the event: {res}"))
+                else:
+                    metrics.EVENTS.labels(kind, "applied" if res else "duplicate").inc()
+        for rec, reason in dead:
+            msg = rec.message
+            letter = DeadLetter.of(msg.topic, msg.partition, msg.offset, msg.key, msg.value, reason)
+            await self.send_dlq(msg.key, letter.to_bytes())
+            metrics.EVENTS.labels(kind, "invalid").inc()
+            metrics.DLQ.labels(kind).inc()
+            log.warning("dead-lettered", extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
+                                                "reason": reason})
+
+    async def _apply(self, events: list[Event]) -> list[bool | redis.ResponseError]:
+        """Apply in one round trip; if a script rejects an event, apply one by one to isolate it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                try:
+                    return list(await loop.run_in_executor(self.pool, self.store.apply_many, events))
+                except redis.ResponseError as exc:
+                    if not _rejects_event(exc):
+                        raise
+                    return [await loop.run_in_executor(self.pool, self._apply_one, ev) for ev in events]
+            except redis.RedisError as exc:  # Redis down, read-only, out of memory...: retry, unacknowledged
+                metrics.REDIS_ERRORS.inc()
+                log.warning("redis unavailable; retrying the batch", extra={"error": str(exc), "events": len(events)})
+                await asyncio.sleep(REDIS_RETRY_S)
+
+    def _apply_one(self, event: Event) -> bool | redis.ResponseError:
+        try:
+            return self.store.apply(event)
+        except redis.ResponseError as exc:
+            if not _rejects_event(exc):
+                raise
+            return exc
+
+
+def _rejects_event(exc: redis.ResponseError) -> bool:
+    """A script failed on this event's data (e.g. too many features to pass): retrying cannot help.
+    Every other error reply (OOM, READONLY, BUSY, cluster moves) is the server's state: retry."""
+    return type(exc) is redis.ResponseError and "@user_script" in str(exc)
+
+
+def build_app(settings: Settings, refresher: Refresher | None, store: StateStore | None = None) -> faust.App:
+    """The faust app: one agent per event topic, a lag timer, and the refresher loop (when given)."""
+    store = store or StateStore.from_settings(settings)
+    datadir = tempfile.mkdtemp(prefix="onetower-faust-")  # memory store: faust keeps nothing of value here
+    app = faust.App(
+        app_id(settings),
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        datadir=datadir,
+        web_enabled=False,
+        topic_partitions=settings.topic_partitions,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        stream_wait_empty=True,
+    )
+    dlq = app.topic(settings.topic("dlq"), key_serializer="raw", value_serializer="raw")
+
+    async def send_dlq(key: bytes | None, value: bytes) -> None:
+        fut = await dlq.send(key=key, value=value)
+        await fut  # delivered before the source record may be acknowledged
+
+    applier = EventApplier(store, send_dlq, ThreadPoolExecutor(len(KINDS), thread_name_prefix="apply"))
+
+    def agent_for(kind: str) -> None:
+        topic = app.topic(settings.topic(kind), key_serializer="raw", value_serializer="raw")
+
+        async def consume(stream: faust.StreamT) -> None:
+            async for records in stream.take_events(TAKE_MAX, within=TAKE_WITHIN_S):
+                # faust acknowledges the batch when this body returns, even when a stop cancels it:
+                # the shield keeps a stop from acknowledging a batch that is not applied (or not
+                # dead-lettered) yet. With Redis down a stop waits; a kill then replays the batch.
+                await _finish(applier.handle(kind, records))
+
+        app.agent(topic, name=f"apply-{kind}")(consume)
+
+    for kind in KINDS:
+        agent_for(kind)
+
+    reported: set[tuple[str, str]] = set()
+
+    @app.timer(LAG_EVERY_S)
+    async def report_lag() -> None:
+        """Lag of the partitions this worker holds now (revoked ones leave the metric)."""
+        consumer = app.consumer
+        held: set[tuple[str, str]] = set()
+        for tp in consumer.assignment():
+            # Both are None for a partition still being assigned (a rebalance): report it next time.
+            position, highwater = await consumer.position(tp), consumer.highwater(tp)
+            if position is not None and highwater is not None:
+                labels = (tp.topic, str(tp.partition))
+                metrics.LAG.labels(*labels).set(max(highwater - position, 0))
+                held.add(labels)
+        for labels in reported - held:
+            metrics.LAG.remove(*labels)
+        reported.clear()
+        reported.update(held)
+
+    if refresher is not None:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="refresh")
+
+        @app.task
+        async def refresh_loop() -> None:
+            loop = asyncio.get_running_loop()
+            await _finish(loop.run_in_executor(pool, refresher.start))
+            log.info("refresher started", extra={"model_version": refresher.version})
+            while True:
+                done = await _finish(loop.run_in_executor(pool, refresher.run_once))
+                if not done:
+                    await asyncio.sleep(IDLE_SLEEP_S)
+
+    return app
+
+
+def run_worker(settings: Settings, refresher: Refresher | None, loglevel: str = "info") -> None:
+    """Run until SIGTERM/SIGINT: faust stops the agents after their current batch (applied and
+    acknowledged), commits the offsets, and the refresher finishes its current micro-batch."""
+    metrics.setup_logging(loglevel)
+    ensure_topics(settings)
+    port = metrics.serve(settings.worker_metrics_port)
+    app = build_app(settings, refresher)
+    log.info("worker starting", extra={"app_id": app.conf.id, "metrics_port": port, "topic_prefix": settings.topic_prefix,
+                                      "redis_key_prefix": settings.redis_key_prefix, "started": time.time()})
+    worker = faust.Worker(app, loglevel=loglevel, override_logging=False, quiet=True)
+    worker.execute_from_commandline()

@@ -1,0 +1,209 @@
+"""StateStore semantics on the real redis-server: histories, counters, idempotency, dirty queues."""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import datetime, timezone
+from typing import Iterator
+
+import pytest
+
+from onetower.settings import Settings
+from streams.counters import BUCKET_MS, COUNTER_NAMES, PointInTimeCounters
+from streams.events import EngagementEvent, ImpressionEvent, ItemEvent, UserEvent
+from streams.state import HistoryEntry, StateStore
+
+pytestmark = pytest.mark.stack
+
+T0 = 1_700_000_000_000
+
+
+def at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def snapshot(store: StateStore) -> dict[bytes, object]:
+    """Every key under the store's prefix with its type-aware value (the whole state, comparable)."""
+    r = store.r
+    out: dict[bytes, object] = {}
+    for key in r.scan_iter(match=f"{store.p}*"):
+        kind = r.type(key)
+        if kind == b"string":
+            out[key] = r.get(key)
+        elif kind == b"hash":
+            out[key] = r.hgetall(key)
+        elif kind == b"zset":
+            out[key] = r.zrange(key, 0, -1, withscores=True)
+        elif kind == b"set":
+            out[key] = r.smembers(key)
+        else:
+            raise AssertionError(f"unexpected type {kind!r} of {key!r}")
+    return out
+
+
+def drop_prefix(store: StateStore) -> None:
+    """Delete this test's keys (and only those: the stack is shared)."""
+    keys = list(store.r.scan_iter(match=f"{store.p}*"))
+    if keys:
+        store.r.delete(*keys)
+
+
+@pytest.fixture()
+def store(settings: Settings) -> Iterator[StateStore]:
+    s = StateStore.from_settings(settings.model_copy(update={"history_len": 3, "recent_impressions_len": 2}))
+    yield s
+    drop_prefix(s)
+
+
+def test_history_is_capped_deduplicated_and_event_time_ordered(store: StateStore) -> None:
+    events = [EngagementEvent(user_id="u:1", item_id=item, ts=at(T0 + dt)) for item, dt in
+              [("a", 10), ("b", 20), ("a", 30), ("c", 5), ("d", 40), ("e", 1)]]
+    assert store.apply_many(events) == [True] * 6
+    (user,) = store.users(["u:1"])
+    # 'a' keeps its latest time; 'c' (5) and 'e' (1, out of order) fall off the 3-item cap.
+    assert user.history == [HistoryEntry("b", T0 + 20), HistoryEntry("a", T0 + 30), HistoryEntry("d", T0 + 40)]
+    assert user.updated_ms == T0 + 40
+    assert store.engaged_items("u:1") == {"a", "b", "c", "d", "e"}
+    assert store.users(["nobody"]) == [None]
+
+
+def test_replayed_events_change_nothing(store: StateStore) -> None:
+    events = [
+        UserEvent(user_id="u1", features={"age": 30, "job": "writer"}, ts=at(T0)),
+        ItemEvent(item_id="i1", features={"title": "Heat", "year": 1995}, ts=at(T0)),
+        ImpressionEvent(user_id="u1", item_id="i1", ts=at(T0 + 1)),
+        EngagementEvent(user_id="u1", item_id="i1", ts=at(T0 + 2)),
+        ImpressionEvent(user_id="u1", item_id="i2", ts=at(T0 + 3)),
+    ]
+    assert store.apply_many(events) == [True] * len(events)
+    before = snapshot(store)
+    assert store.apply_many(events) == [False] * len(events)
+    assert all(store.apply(ev) is False for ev in events)
+    assert snapshot(store) == before
+    (item,) = store.items(["i1"])
+    assert item.counters["impressions_1h"] == 1 and item.counters["engagements_7d"] == 1
+
+
+def test_counters_agree_with_the_offline_point_in_time_counters(store: StateStore) -> None:
+    rng = random.Random(6)
+    offline = PointInTimeCounters()
+    newest: dict[str, int] = {}
+    events = []
+    for _ in range(400):
+        item = rng.choice("xyz")
+        ts = T0 + rng.randrange(0, 10 * 24 * BUCKET_MS)  # ten days, in random (out-of-order) arrival
+        cls = rng.choice([ImpressionEvent, EngagementEvent])
+        events.append(cls(user_id=f"u{rng.randrange(5)}", item_id=item, ts=at(ts)))
+        offline.add(cls.kind, item, ts)
+        newest[item] = max(newest.get(item, ts), ts)
+    store.apply_many(events)
+    for state in store.items(["x", "y", "z"]):
+        assert state.counters == offline.counts(state.item_id, newest[state.item_id])
+        assert set(state.counters) == set(COUNTER_NAMES)
+    # Buckets older than the longest window are pruned, so memory per item stays bounded.
+    assert len(store.r.hkeys(store._i("x", "c:impressions"))) <= 24 * 7 + 1
+
+
+def test_profiles_and_features_take_the_newest_event_time(store: StateStore) -> None:
+    store.apply_many([
+        UserEvent(user_id="u1", features={"age": 30, "city": "Oslo"}, ts=at(T0 + 10)),
+        UserEvent(user_id="u1", features={"age": 99}, ts=at(T0)),  # older, arrives late: ignored
+        ItemEvent(item_id="i1", features={"title": "Heat", "rating": 4.5, "new": True}, ts=at(T0)),
+        ItemEvent(item_id="i1", features={"title": "Heat (1995)"}, ts=at(T0 + 5)),
+        ItemEvent(item_id="i2", features={"title": "Gone"}, ts=at(T0)),
+        ItemEvent(item_id="i2", deleted=True, ts=at(T0 + 1)),
+    ])
+    (user,) = store.users(["u1"])
+    assert user.profile == {"age": 30, "city": "Oslo"} and user.updated_ms == T0 + 10
+    i1, i2 = store.items(["i1", "i2"])
+    assert i1.features == {"title": "Heat (1995)"} and not i1.deleted and i1.updated_ms == T0 + 5
+    assert i2.deleted and i2.features == {}
+    store.apply(ItemEvent(item_id="i3", features={"title": "T", "rating": 4.5, "new": True}, ts=at(T0)))
+    assert store.items(["i3"])[0].features == {"title": "T", "rating": 4.5, "new": True}
+    wide = {f"f{n}": n for n in range(10_000)}  # more than a Lua call may take as arguments at once
+    assert store.apply(ItemEvent(item_id="i4", features=wide, ts=at(T0)))
+    assert store.items(["i4"])[0].features == wide
+
+
+def test_dirty_queue_debounces_leases_and_requeues(store: StateStore) -> None:
+    now = int(time.time() * 1000)
+    store.apply_many([EngagementEvent(user_id="a", item_id="i", ts=at(T0))], now_ms=now - 5000)
+    store.apply_many([EngagementEvent(user_id="a", item_id="j", ts=at(T0 + 1)),
+                      EngagementEvent(user_id="b", item_id="i", ts=at(T0))], now_ms=now)
+    # 'a' keeps its first-dirty time; 'b' is still inside the debounce window.
+    assert store.pop_dirty("users", 10, settled_before_ms=now - 1000) == ["a"]
+    assert store.pop_dirty("users", 10, settled_before_ms=now - 1000) == []
+    # A change while 'a' is being encoded queues it again, but nobody takes it while the lease lives.
+    store.apply(EngagementEvent(user_id="a", item_id="k", ts=at(T0 + 2)))
+    assert store.pop_dirty("users", 10, settled_before_ms=now + 10_000) == ["b"]
+    store.ack_dirty("users", ["a"])
+    assert store.pop_dirty("users", 10, settled_before_ms=now + 10_000) == ["a"]
+    store.ack_dirty("users", ["a", "b"])
+    assert store.dirty_count("users") == 0
+
+
+def test_an_unacknowledged_pop_returns_after_its_lease(settings: Settings) -> None:
+    store = StateStore.from_settings(settings.model_copy(update={"refresh_lease_s": 0.2}))
+    try:
+        store.mark_dirty("items", {"i1": 1, "i2": 2})
+        assert store.pop_dirty("items", 1, settled_before_ms=10) == ["i1"]  # the popper "crashes"
+        assert store.pop_dirty("items", 5, settled_before_ms=10) == ["i2"]
+        time.sleep(0.3)
+        assert sorted(store.pop_dirty("items", 5, settled_before_ms=10)) == ["i1", "i2"]
+        store.ack_dirty("items", ["i1", "i2"])
+        assert store.dirty_count("items") == 0
+    finally:
+        drop_prefix(store)
+
+
+def test_items_are_dirty_for_counters_only_when_their_bucket_moves(store: StateStore) -> None:
+    ids = [f"i{n}" for n in range(200)]
+    store.apply_many([ItemEvent(item_id=i, features={"title": i}, ts=at(T0)) for i in ids])
+    store.ack_dirty("items", store.pop_dirty("items", 1000, settled_before_ms=int(time.time() * 1000) + 1))
+    # Most items were never shown; three were: the tables' top edge sits below the top item.
+    store.apply_many([ImpressionEvent(user_id="u", item_id=i, ts=at(T0 + k))
+                      for i, times in [("i199", 5), ("i198", 2), ("i197", 1)] for k in range(times)])
+    tables = store.refresh_percentile_tables()
+    assert set(tables) == set(COUNTER_NAMES)
+    assert store.percentile_tables()["impressions_1h"] == tables["impressions_1h"]
+    first = store.pop_dirty("items", 1000, settled_before_ms=int(time.time() * 1000) + 1)
+    assert sorted(first) == sorted(ids)  # their vectors had no buckets yet
+    store.ack_dirty("items", first)
+    assert store.check_buckets() == []  # the counted queue from before the refresh: nothing moved since
+    assert store.dirty_count("items") == 0
+
+    # One more impression for the top item keeps it in the top bucket; the same for an item on a
+    # bucket edge moves it.
+    top, edge = "i199", "i0"
+    before = store.items([top, edge])
+    store.apply_many([ImpressionEvent(user_id="u", item_id=top, ts=at(T0 + 100)),
+                      ImpressionEvent(user_id="u", item_id=edge, ts=at(T0 + 100))])
+    after = store.items([top, edge])
+    moved = {s.item_id for s, a in zip(before, after)
+             if any(tables[c].bucket(s.counters[c]) != tables[c].bucket(a.counters[c]) for c in COUNTER_NAMES)}
+    assert top not in moved and edge in moved  # the test's premise
+    assert store.check_buckets() == [edge]
+    # A catalogue change comes before a bucket move even when it is newer; an item in both queues
+    # is popped once.
+    later = int(time.time() * 1000) + 5
+    store.apply_many([ItemEvent(item_id="new", features={"title": "new"}, ts=at(T0))], now_ms=later)
+    assert store.pop_dirty("items", 1, settled_before_ms=later + 1) == ["new"]
+    store.apply_many([ItemEvent(item_id=edge, features={"title": "renamed"}, ts=at(T0 + 1))], now_ms=later)
+    assert store.pop_dirty("items", 100, settled_before_ms=later + 1) == [edge]
+    assert store.pop_dirty("items", 100, settled_before_ms=later + 1) == []
+    assert store.dirty_count("items") == 2  # both leased until acknowledged
+    assert store.r.zcard(store._q("counted")) == 0
+
+
+def test_ids_are_scanned_per_prefix(store: StateStore, settings: Settings) -> None:
+    other = StateStore.from_settings(settings.model_copy(update={"redis_key_prefix": settings.redis_key_prefix + "x:"}))
+    try:
+        store.apply_many([UserEvent(user_id="u:1", ts=at(T0)), ImpressionEvent(user_id="u2", item_id="i:m", ts=at(T0))])
+        other.apply(UserEvent(user_id="z", ts=at(T0)))
+        assert set(store.user_ids()) == {"u:1", "u2"}
+        assert set(store.item_ids()) == {"i:m"}
+        assert set(other.user_ids()) == {"z"}
+        assert store.recent_impressions("u2") == [HistoryEntry("i:m", T0)]
+    finally:
+        drop_prefix(other)
