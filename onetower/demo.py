@@ -87,9 +87,7 @@ def _model(settings: Settings, train: bool) -> Path:
     from models.tower import build_tower
 
     if train:
-        from training.demo import quick_finetune
-
-        return quick_finetune(settings, settings.state_dir / "models")
+        return _finetuned(settings)
     out = settings.state_dir / "models" / "minilm_base"
     if (out / "manifest.json").exists():
         return ModelArtifact.load(out).path
@@ -98,6 +96,22 @@ def _model(settings: Settings, train: bool) -> Path:
                                    base_model="minilm")
     console.print(f"model {artifact.version}: ONNX fp32 parity {artifact.manifest.parity.get('fp32', 0):.4f}")
     return artifact.path
+
+
+def _finetuned(settings: Settings, steps: int = 40) -> Path:
+    """A few dozen InfoNCE + Matryoshka steps on the replayed topics: enough to see the pipeline move."""
+    import training
+    from training.config import load_config
+    from training.train import ARTIFACT_SUBDIR, train
+
+    version = time.strftime("minilm_demo_%Y%m%d_%H%M%S")
+    out = settings.state_dir / "models" / version
+    config = load_config(Path(training.__file__).parent / "configs" / "movielens-minilm.yaml",
+                         {"output_dir": out, "max_steps": steps, "max_train_examples": steps * 32,
+                          "eval_during_training": False, "save_steps": steps, "version": version, "export": True})
+    console.print(f"fine-tuning MiniLM for {steps} steps on the replayed topics (CPU: a few minutes)...")
+    train(config, settings)
+    return out / ARTIFACT_SUBDIR
 
 
 @contextmanager

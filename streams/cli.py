@@ -90,10 +90,7 @@ def dataset_movielens(out: Path = typer.Option(..., help="directory for the even
         counts = convert(out, get_settings())
     except MovieLensError as exc:
         raise fail(str(exc)) from None
-    table = Table("topic", "events")
-    for kind, n in counts.items():
-        table.add_row(kind, f"{n:,}")
-    console.print(table)
+    _print_counts(counts, "events")
 
 
 @app.command()
@@ -109,7 +106,11 @@ def replay(
         counts = do_replay(directory, get_settings(), speed=speed, limit=limit)
     except (MovieLensError, KafkaUnavailable) as exc:
         raise fail(str(exc)) from None
-    table = Table("topic", "events sent")
+    _print_counts(counts, "events sent")
+
+
+def _print_counts(counts: dict[str, int], what: str) -> None:
+    table = Table("topic", what)
     for kind, n in counts.items():
         table.add_row(kind, f"{n:,}")
     console.print(table)
