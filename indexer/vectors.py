@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient
+from pymilvus.client.types import LoadState
 from pymilvus.exceptions import MilvusException
 
 from onetower.settings import Settings
@@ -35,6 +36,7 @@ from onetower.settings import Settings
 # pymilvus logs a full traceback for every failed call, expected ones included; ours re-raise as
 # one-line errors below, so its own logging only adds noise.
 logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+log = logging.getLogger("onetower.indexer")
 
 KINDS = ("items", "users")
 MAX_TOPK = 16384  # Milvus' largest search limit
@@ -139,12 +141,18 @@ class VectorIndex:
         return {"metric_type": "COSINE", "params": {"ef": max(self.settings.hnsw_ef, limit)}}
 
     def ensure_version(self, version: str) -> None:
-        """Create (and load) the items and users collections of ``version`` where missing."""
+        """Create, index and load the items and users collections of ``version`` where missing.
+
+        Making a collection is three Milvus calls (create, index, load): a process killed between
+        them leaves one that accepts every upsert and answers no read ("collection not loaded"), so
+        an existing collection is finished too. Each step is idempotent; concurrent callers are fine.
+        """
         client = self.client
         for kind in KINDS:
             name = self.collection(kind, version)
             with self._calls(f"create {name}"):
                 if client.has_collection(name, timeout=self._timeout):
+                    self._finish(name)
                     continue
                 schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
                                                     description=f"onetower {kind} of model version {version}")
@@ -155,6 +163,16 @@ class VectorIndex:
                 schema.add_field("attrs", DataType.JSON, description="catalogue or profile fields, filterable as attrs[\"name\"]")
                 client.create_collection(name, schema=schema, index_params=self._index_params(client),
                                          consistency_level="Bounded", timeout=self._timeout)
+
+    def _finish(self, name: str) -> None:
+        """Index and load an existing collection where its creator did not get to."""
+        client = self.client
+        if not client.list_indexes(name, field_name="vector", timeout=self._timeout):
+            log.warning("collection %s has no index (its creator was stopped): indexing it", name)
+            client.create_index(name, self._index_params(client), timeout=self._timeout)
+        if client.get_load_state(name, timeout=self._timeout).get("state") != LoadState.Loaded:
+            log.warning("collection %s is not loaded (its creator was stopped): loading it", name)
+            client.load_collection(name, timeout=max(self._timeout, 60.0))
 
     def has_version(self, version: str) -> bool:
         with self._calls("list collections"):

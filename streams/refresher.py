@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import redis
 
-from indexer.texts import item_texts, user_texts
+from indexer.texts import item_state_texts, user_state_texts
 from indexer.vectors import IndexUnavailable, VectorIndex
 from onetower.settings import Settings
 from streams import metrics
@@ -45,7 +45,8 @@ class Refresher:
         self._buckets_checked = 0.0
 
     def start(self) -> None:
-        """Create the version's collections and fit the percentile tables if none exist yet."""
+        """Create the version's collections (or finish ones a killed worker left half made) and fit
+        the percentile tables if none exist yet."""
         self.index.ensure_version(self.version)
         self._tables = self.store.percentile_tables()
         if self.store.claim_percentile_refresh(self.settings.percentile_refresh_s) or not self._tables:
@@ -89,12 +90,13 @@ class Refresher:
 
     def refresh(self, kind: Kind, ids: Sequence[str]) -> int:
         """Encode and upsert (or delete) ``ids``, then acknowledge their dirty marks."""
+        # One read of the states: the text encoded and the updated_at stored with it describe the same state.
         if kind == "items":
             states: Sequence[Any] = self.store.items(ids)
-            texts = item_texts(self.store, ids, self._tables)
+            texts = item_state_texts(states, self._tables)
         else:
             states = self.store.users(ids)
-            texts = user_texts(self.store, ids, tokenizer=self.encoder.tokenizer, max_tokens=self.encoder.max_seq_length)
+            texts = user_state_texts(self.store, states, tokenizer=self.encoder.tokenizer, max_tokens=self.encoder.max_seq_length)
         live = [(i, st, text) for i, st, text in zip(ids, states, texts) if text is not None]
         gone = [i for i, st in zip(ids, states) if st is None or getattr(st, "deleted", False)]
         if live:

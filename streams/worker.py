@@ -22,6 +22,7 @@ import faust
 import redis
 from faust.types import EventT
 
+from indexer.vectors import IndexUnavailable
 from onetower.settings import Settings
 from streams import metrics
 from streams.events import DeadLetter, Event, InvalidEvent, parse_event
@@ -36,6 +37,7 @@ TAKE_MAX = 500  # records per agent batch: one Redis round trip
 TAKE_WITHIN_S = 0.02  # longest wait to fill a batch
 REDIS_RETRY_S = 0.5
 LAG_EVERY_S = 5.0
+REFRESHER_RETRY_S = 1.0
 IDLE_SLEEP_S = 0.05  # refresher pause when nothing was dirty (bounds idle Redis polling)
 
 T = TypeVar("T")
@@ -188,7 +190,13 @@ def build_app(settings: Settings, refresher: Refresher | None, store: StateStore
         @app.task
         async def refresh_loop() -> None:
             loop = asyncio.get_running_loop()
-            await _finish(loop.run_in_executor(pool, refresher.start))
+            while True:  # Milvus or Redis down (or slow) at start: retry, never leave the worker without a refresher
+                try:
+                    await _finish(loop.run_in_executor(pool, refresher.start))
+                    break
+                except (IndexUnavailable, redis.RedisError) as exc:
+                    log.warning("refresher cannot start yet; retrying", extra={"error": str(exc)})
+                    await asyncio.sleep(REFRESHER_RETRY_S)
             log.info("refresher started", extra={"model_version": refresher.version})
             while True:
                 done = await _finish(loop.run_in_executor(pool, refresher.run_once))

@@ -90,6 +90,21 @@ def test_upsert_replace_delete(srv: Settings) -> None:
         index.ensure_version("bad.version")
 
 
+def test_ensure_version_finishes_a_half_made_version(srv: Settings) -> None:
+    """A process killed between create, index and load leaves a collection that takes upserts and
+    answers no read; the next ensure_version (a restarted worker or re-index) finishes it."""
+    index = VectorIndex(srv)
+    index.ensure_version("v1")
+    users, items = index.collection("users", "v1"), index.collection("items", "v1")
+    index.client.release_collection(users)
+    index.client.drop_index(users, "vector")  # killed after the create
+    index.client.release_collection(items)  # killed after the index
+    index.ensure_version("v1")
+    build(index, ("v1",))
+    assert [h.id for h in index.search_items(basis(0), 1, version="v1")] == ["x0"]
+    np.testing.assert_allclose(index.get_user_vector("u", "v1"), basis(0))
+
+
 def test_filters_and_invalid_filter(srv: Settings) -> None:
     index = VectorIndex(srv)
     build(index, ("v1",))

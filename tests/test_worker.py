@@ -43,15 +43,16 @@ def poll(what: str, check: Callable[[], T | None], timeout: float = POLL_S) -> T
     """Call ``check`` until it returns something truthy; fail with ``what`` after ``timeout``.
     Milvus being briefly unable to answer (a collection still loading) counts as not yet."""
     deadline = time.monotonic() + timeout
+    error: Exception | None = None
     while True:
         try:
             got = check()
-        except (IndexUnavailable, MilvusException):
-            got = None
+        except (IndexUnavailable, MilvusException) as exc:
+            got, error = None, exc
         if got:
             return got
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out waiting for {what}" + (f" (Milvus, last time it failed: {error})" if error else ""))
         time.sleep(0.5)
 
 
