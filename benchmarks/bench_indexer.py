@@ -148,9 +148,7 @@ def movielens(base: Settings, model_dir: Path, rows: list[dict]) -> None:
         res = timed(lambda i: retriever.candidates(user_ids[i % len(user_ids)], 100), 500, concurrency)
         rows.append({"data": label, "what": "candidates() end to end", "n": len(item_ids), "k": 100,
                      "concurrency": concurrency, **res})
-    keys = list(store.r.scan_iter(match=f"{store.p}*"))
-    for s in range(0, len(keys), 10_000):
-        store.r.delete(*keys[s:s + 10_000])
+    store.clear()
 
 
 def show(rows: list[dict]) -> None:

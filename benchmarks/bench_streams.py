@@ -25,17 +25,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import requests
-from kafka.admin import KafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from indexer.texts import user_texts
 from indexer.vectors import VectorIndex
 from models.encoder import Encoder
+from onetower.prefixes import isolated, purge
 from onetower.settings import Settings
 from streams.events import EngagementEvent, ItemEvent
 from streams.movielens import TOPIC_ORDER, events_from_wheel, recbole_wheel
@@ -44,24 +43,11 @@ from streams.state import StateStore
 
 
 def fresh_settings(base: Settings) -> Settings:
-    tag = "b" + uuid.uuid4().hex[:8]
-    return base.model_copy(update={"topic_prefix": f"{tag}.", "redis_key_prefix": f"{tag}:", "milvus_prefix": f"{tag}_"})
+    return isolated(base, "b")
 
 
 def cleanup(s: Settings) -> None:
-    store = StateStore.from_settings(s)
-    keys = list(store.r.scan_iter(match=f"{s.redis_key_prefix}*", count=10_000))
-    for start in range(0, len(keys), 10_000):
-        store.r.delete(*keys[start:start + 10_000])
-    client = VectorIndex(s).client
-    for name in client.list_collections():
-        if name.startswith(s.milvus_prefix):
-            for alias in client.list_aliases(name).get("aliases", []):
-                client.drop_alias(alias)
-            client.drop_collection(name)
-    admin = KafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
-    admin.delete_topics([t for t in admin.list_topics() if t.startswith(s.topic_prefix)])
-    admin.close()
+    purge(s)
 
 
 class Worker:

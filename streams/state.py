@@ -383,6 +383,17 @@ class StateStore:
         pipe.execute()
         return moved
 
+    def clear(self) -> int:
+        """Delete every key under this store's prefix (and only those); returns how many."""
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self.r.scan_iter(match=f"{_glob_escape(self.p)}*", count=10_000):
+            batch.append(key)
+            if len(batch) == 10_000:
+                deleted += self.r.delete(*batch)
+                batch = []
+        return deleted + (self.r.delete(*batch) if batch else 0)
+
     # -- dirty queues ---------------------------------------------------------------------------
     def mark_dirty(self, kind: Kind, ids_with_ts: Mapping[str, int]) -> None:
         """Queue entities for re-encoding; ``ids_with_ts`` maps id -> wall-clock ms of the change.

@@ -49,3 +49,15 @@ def ensure_topics(settings: Settings) -> list[str]:
         raise KafkaUnavailable(f"Kafka at {settings.kafka_bootstrap} failed to create topics: {exc}") from None
     finally:
         admin.close()
+
+
+def delete_topics(settings: Settings) -> list[str]:
+    """Delete every topic under the settings' prefix; returns their names."""
+    admin = admin_client(settings)
+    try:
+        doomed = [t for t in admin.list_topics() if t.startswith(settings.topic_prefix)]
+        if doomed:
+            admin.delete_topics(doomed)
+        return doomed
+    finally:
+        admin.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -42,19 +41,6 @@ VERSIONS = {
     "v2": (basis(1), np.stack([mix(0.5 + 0.1 * i, 1, 20 + i) for i in range(5)])),
 }
 EXPECTED = {"v1": ITEMS, "v2": ITEMS[::-1]}
-
-
-@pytest.fixture()
-def srv(settings: Settings) -> Iterator[Settings]:
-    """Per-test settings that read their own writes, with the test's collections and keys dropped after.
-    Strong, not Session: Milvus 2.3.5 returns no timestamp for a delete, so Session reads miss deletes."""
-    s = settings.model_copy(update={"milvus_read_consistency": "Strong"})
-    yield s
-    VectorIndex(s).drop_all()
-    store = StateStore.from_settings(s)
-    keys = list(store.r.scan_iter(match=f"{store.p}*"))
-    if keys:
-        store.r.delete(*keys)
 
 
 def build(index: VectorIndex, versions: tuple[str, ...] = ("v1", "v2")) -> None:

@@ -27,7 +27,6 @@ from streams.events import EngagementEvent, ImpressionEvent, ItemEvent, UserEven
 from streams.producer import EventProducer
 from streams.state import StateStore
 from streams.topics import ensure_topics
-from tests.test_indexer import srv  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.stack
 

@@ -44,9 +44,7 @@ def snapshot(store: StateStore) -> dict[bytes, object]:
 
 def drop_prefix(store: StateStore) -> None:
     """Delete this test's keys (and only those: the stack is shared)."""
-    keys = list(store.r.scan_iter(match=f"{store.p}*"))
-    if keys:
-        store.r.delete(*keys)
+    store.clear()
 
 
 @pytest.fixture()

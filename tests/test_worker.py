@@ -22,16 +22,16 @@ import numpy as np
 import pytest
 import requests
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.admin import KafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 from pymilvus.exceptions import MilvusException
 
 from indexer.vectors import IndexUnavailable, VectorIndex
+from onetower.prefixes import purge
 from onetower.settings import Settings
 from streams.events import DeadLetter, EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent
 from streams.producer import EventProducer
 from streams.state import StateStore
-from tests.conftest import unique_settings
+from onetower.prefixes import isolated as unique_settings
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -120,21 +120,7 @@ def wsettings(settings: Settings) -> Iterator[Settings]:
     """Per-test settings with short leases and debounce; drops the test's keys, topics and collections after."""
     s = settings.model_copy(update={"refresh_lease_s": 3.0, "refresh_debounce_s": 0.2})
     yield s
-    store = StateStore.from_settings(s)
-    keys = list(store.r.scan_iter(match=f"{s.redis_key_prefix}*"))
-    if keys:
-        store.r.delete(*keys)
-    client = VectorIndex(s).client
-    for name in client.list_collections():
-        if name.startswith(s.milvus_prefix):
-            for alias in client.list_aliases(name).get("aliases", []):
-                client.drop_alias(alias)
-            client.drop_collection(name)
-    admin = KafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
-    try:
-        admin.delete_topics([t for t in admin.list_topics() if t.startswith(s.topic_prefix)])
-    finally:
-        admin.close()
+    purge(s)
 
 
 @pytest.fixture()
@@ -204,9 +190,7 @@ def reference_state(settings: Settings, events: Sequence[Event], users: Sequence
         ref.apply_many(list(events))
         return semantic_state(ref, users, items)
     finally:
-        keys = list(ref.r.scan_iter(match=f"{ref.p}*"))
-        if keys:
-            ref.r.delete(*keys)
+        ref.clear()
 
 
 def test_engagements_move_vectors_replays_change_nothing_and_bad_records_go_to_the_dlq(
