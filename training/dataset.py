@@ -1,0 +1,400 @@
+"""Point-in-time training data read from the same Kafka topics the stream workers consume.
+
+For every engagement at event time t the example holds what serving would have known just before t:
+the user's profile and positives strictly before t, and the engaged item with its popularity
+counters as of t (``streams.counters``, the windows the Redis counters use) written as percentile
+buckets fitted over the whole catalogue's counters at t. Events are applied in groups of equal
+timestamps *after* the group's examples are emitted, so nothing at or after t reaches an example.
+Hard negatives are items the user was shown but never engaged with, the ones nearest to t first.
+
+The result is split by time (train < validation < test) and cached as parquet under a fingerprint
+of the topics, their offsets and the options, so a rebuild happens only when the data or the recipe
+changed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
+
+from models.render import PROMPT_FORMAT_VERSION, PercentileTable, render_item, render_user
+from onetower.settings import Settings
+from streams.counters import COUNTER_NAMES, PointInTimeCounters, hour_bucket
+from streams.events import EngagementEvent, Event, ImpressionEvent, InvalidEvent, ItemEvent, UserEvent, parse_event
+from streams.topics import KafkaUnavailable
+
+log = logging.getLogger(__name__)
+
+DATASET_FORMAT_VERSION = "1"  # bump when the example recipe below changes: old caches are then ignored
+TOPIC_KINDS = ("items", "users", "impressions", "engagements")  # equal timestamps are applied in this order
+SPLITS = ("train", "val", "test")
+STALL_S = 60  # seconds without a record, while partitions are short of their end offsets, before giving up
+
+
+class DatasetError(RuntimeError):
+    """The topics could not be read or hold nothing to train on; the message says why."""
+
+
+class DatasetOptions(BaseModel):
+    """Everything besides the topics' content that changes the examples (all of it is fingerprinted)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hard_negatives: int = Field(default=2, ge=0, le=8, description="hard-negative columns per example")
+    counts_mode: Literal["bucket", "raw"] = Field(default="bucket", description="counters as percentile buckets (paper) or raw counts (ablation)")
+    history_len: int = Field(default=50, ge=1, description="most recent positives rendered into the user text")
+    base_model: str = Field(default="minilm", description="its tokenizer fits the user text into max_seq_length")
+    max_seq_length: int = Field(default=256, ge=16)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    since_ms: int | None = Field(default=None, description="first event time read from impressions/engagements")
+    until_ms: int | None = Field(default=None, description="events at or after this time are not read")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "DatasetOptions":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave room for training (< 1)")
+        if self.since_ms is not None and self.until_ms is not None and self.since_ms >= self.until_ms:
+            raise ValueError("since_ms must be before until_ms")
+        return self
+
+
+@dataclass
+class PointInTimeDataset:
+    """The split examples plus the catalogue as it was at the start of the validation and test windows."""
+
+    splits: dict[str, pa.Table]  # train / val / test examples, in event-time order
+    catalogues: dict[str, pa.Table]  # val / test: item_id, text (counters as of the window start)
+    meta: dict
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.meta["directory"])
+
+
+# ---------------------------------------------------------------- reading the topics
+
+
+def _consumer(settings: Settings) -> KafkaConsumer:
+    try:
+        return KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None,
+                             bootstrap_timeout_ms=10_000, request_timeout_ms=30_000, max_poll_records=5000,
+                             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+    except KafkaError:
+        raise KafkaUnavailable(f"Kafka is unreachable at {settings.kafka_bootstrap} (is the stack up? `onetower stack up`)") from None
+
+
+def _partitions(consumer: KafkaConsumer, settings: Settings) -> list[TopicPartition]:
+    out = []
+    for kind in TOPIC_KINDS:
+        topic = settings.topic(kind)
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise DatasetError(f"topic {topic} does not exist at {settings.kafka_bootstrap}; replay data first "
+                               f"(`onetower dataset movielens --out DIR && onetower replay DIR`)")
+        out += [TopicPartition(topic, p) for p in sorted(parts)]
+    return out
+
+
+def _offset_range(consumer: KafkaConsumer, parts: list[TopicPartition], options: DatasetOptions,
+                  settings: Settings) -> dict[TopicPartition, tuple[int, int]]:
+    """[start, end) per partition: end is fixed now, so records produced while reading are left out.
+
+    Items and users are compacted state and always read from the beginning; impressions and
+    engagements start at ``since_ms`` when one is given.
+    """
+    end = consumer.end_offsets(parts)
+    start = consumer.beginning_offsets(parts)
+    if options.since_ms is not None:
+        events = [tp for tp in parts if tp.topic in (settings.topic("impressions"), settings.topic("engagements"))]
+        for tp, found in consumer.offsets_for_times({tp: options.since_ms for tp in events}).items():
+            start[tp] = found.offset if found is not None else end[tp]
+    return {tp: (start[tp], end[tp]) for tp in parts}
+
+
+def read_events(settings: Settings, options: DatasetOptions,
+                ranges: dict[TopicPartition, tuple[int, int]] | None = None) -> Iterator[Event]:
+    """Every valid event in the offset ranges (invalid records are counted and skipped, as the DLQ would)."""
+    consumer = _consumer(settings)
+    try:
+        ranges = ranges or _offset_range(consumer, _partitions(consumer, settings), options, settings)
+        todo = {tp: r for tp, r in ranges.items() if r[1] > r[0]}
+        kind_of = {settings.topic(k): k for k in TOPIC_KINDS}
+        consumer.assign(list(todo))
+        for tp, (begin, _) in todo.items():
+            consumer.seek(tp, begin)
+        invalid = 0
+        last_progress = time.monotonic()
+        while todo:
+            batch = consumer.poll(timeout_ms=1000)
+            if batch:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > STALL_S:
+                raise KafkaUnavailable(f"no records from {settings.kafka_bootstrap} for {STALL_S}s with "
+                                       f"{len(todo)} partition(s) still short of their end offsets")
+            for tp, records in batch.items():
+                stop = todo.get(tp, (0, -1))[1]
+                for record in records:
+                    if record.offset >= stop:
+                        break
+                    if options.until_ms is not None and record.timestamp >= options.until_ms:
+                        continue
+                    try:
+                        yield parse_event(kind_of[tp.topic], record.value)
+                    except InvalidEvent:
+                        invalid += 1
+                if tp in todo and consumer.position(tp) >= stop:
+                    del todo[tp]
+                    consumer.pause(tp)
+        if invalid:
+            log.warning("skipped %d invalid records", invalid)
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"reading topics from {settings.kafka_bootstrap} failed: {exc}") from None
+    finally:
+        consumer.close()
+
+
+# ---------------------------------------------------------------- building the examples
+
+
+def _time_key(event: Event) -> tuple[int, int, str]:
+    """Event time, then topic, then id: partitions interleave arbitrarily, the examples must not."""
+    return event.ts_ms, TOPIC_KINDS.index(event.kind), event.event_id
+
+
+class _State:
+    """What serving knows at a moment: catalogue, profiles, positives, counters and their percentiles."""
+
+    def __init__(self, options: DatasetOptions) -> None:
+        self.options = options
+        self.items: dict[str, dict] = {}
+        self.profiles: dict[str, dict] = {}
+        self.history: dict[str, list[tuple[int, str]]] = defaultdict(list)  # user -> [(ts, item)] in time order
+        self.shown: dict[str, set[str]] = defaultdict(set)  # user -> items impressed so far
+        self.counters = PointInTimeCounters()
+        self.tables: dict[str, PercentileTable] = {}
+        self.table_hour: int | None = None
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, ItemEvent):
+            if event.deleted:
+                self.items.pop(event.item_id, None)
+            else:
+                self.items[event.item_id] = dict(event.features)
+        elif isinstance(event, UserEvent):
+            self.profiles[event.user_id] = dict(event.features)
+        elif isinstance(event, ImpressionEvent):
+            self.counters.add("impressions", event.item_id, event.ts_ms)
+            self.shown[event.user_id].add(event.item_id)
+        elif isinstance(event, EngagementEvent):
+            self.counters.add("engagements", event.item_id, event.ts_ms)
+            self.history[event.user_id].append((event.ts_ms, event.item_id))
+
+    def refresh_percentiles(self, now_ms: int) -> None:
+        """Refit the percentile tables once per event-time hour (serving refreshes its table periodically too)."""
+        hour = hour_bucket(now_ms)
+        if self.options.counts_mode != "bucket" or hour == self.table_hour:
+            return
+        self.counters.prune(now_ms)
+        counts = [self.counters.counts(item_id, now_ms) for item_id in self.items]
+        self.tables = {name: PercentileTable.fit(c[name] for c in counts) for name in COUNTER_NAMES}
+        self.table_hour = hour
+
+    def item_text(self, item_id: str, now_ms: int) -> str:
+        counts = self.counters.counts(item_id, now_ms)
+        if self.options.counts_mode == "bucket":
+            counts = {name: self.tables[name].bucket(n) for name, n in counts.items()}
+        return render_item(self.items[item_id], counts, counts_mode=self.options.counts_mode)
+
+
+def _nearest_negatives(shown: list[tuple[int, str]], t: int, k: int, exclude: set[str]) -> list[str]:
+    """Up to ``k`` distinct items from ``shown`` (time-ordered impressions) nearest to ``t``."""
+    times = [ts for ts, _ in shown]
+    right = bisect.bisect_left(times, t)
+    left = right - 1
+    out: list[str] = []
+    while len(out) < k and (left >= 0 or right < len(shown)):
+        take_left = right >= len(shown) or (left >= 0 and t - times[left] <= times[right] - t)
+        _, item = shown[left] if take_left else shown[right]
+        if take_left:
+            left -= 1
+        else:
+            right += 1
+        if item not in exclude and item not in out:
+            out.append(item)
+    return out
+
+
+def build_examples(events: list[Event], options: DatasetOptions, tokenizer) -> PointInTimeDataset:
+    """Point-in-time examples from events (any order; they are sorted by event time here)."""
+    events = sorted(events, key=_time_key)
+    engagements = [e for e in events if isinstance(e, EngagementEvent)]
+    if not engagements:
+        raise DatasetError("no engagement events in the topics (or in the chosen time range): nothing to train on")
+    # Negatives are labels, not inputs: they may come from any time, as long as the user never engaged.
+    engaged: dict[str, set[str]] = defaultdict(set)
+    for e in engagements:
+        engaged[e.user_id].add(e.item_id)
+    not_engaged: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for e in events:
+        if isinstance(e, ImpressionEvent) and e.item_id not in engaged[e.user_id]:
+            not_engaged[e.user_id].append((e.ts_ms, e.item_id))
+
+    times = np.array([e.ts_ms for e in engagements])
+    t_val = int(np.quantile(times, 1.0 - options.val_fraction - options.test_fraction, method="inverted_cdf"))
+    t_test = int(np.quantile(times, 1.0 - options.test_fraction, method="inverted_cdf"))
+    boundaries = {"val": t_val, "test": t_test}
+
+    rng = np.random.default_rng(options.seed)
+    state = _State(options)
+    rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    catalogues: dict[str, pa.Table] = {}
+    skipped = 0
+    i = 0
+    progress = tqdm(total=len(events), desc="point-in-time examples", unit="event", mininterval=5)
+    while i < len(events):
+        t = events[i].ts_ms
+        j = i
+        while j < len(events) and events[j].ts_ms == t:
+            j += 1
+        progress.update(j - i)
+        for split, boundary in boundaries.items():  # catalogue snapshot as the index would hold it at the window start
+            if split not in catalogues and t >= boundary:
+                state.refresh_percentiles(boundary)
+                ids = sorted(state.items, key=_id_order)
+                catalogues[split] = pa.table({"item_id": ids, "text": [state.item_text(x, boundary) for x in ids]})
+        group = [e for e in events[i:j] if isinstance(e, EngagementEvent)]
+        if group:
+            state.refresh_percentiles(t)
+        for e in group:  # examples see the state before this timestamp only
+            if e.item_id not in state.items:
+                skipped += 1
+                continue
+            row = _example(e, state, options, tokenizer, not_engaged[e.user_id], engaged[e.user_id], rng)
+            split = "test" if t >= t_test else "val" if t >= t_val else "train"
+            if split == "train":
+                row["exclude"] = []  # only ranking (validation, test) needs the already-shown items
+            rows[split].append(row)
+        for e in events[i:j]:
+            state.apply(e)
+        i = j
+    progress.close()
+    for split, boundary in boundaries.items():
+        if split not in catalogues:
+            state.refresh_percentiles(boundary)
+            ids = sorted(state.items, key=_id_order)
+            catalogues[split] = pa.table({"item_id": ids, "text": [state.item_text(x, boundary) for x in ids]})
+    if skipped:
+        log.warning("skipped %d engagements with items missing from the catalogue", skipped)
+    if not rows["train"]:
+        raise DatasetError("the time split left no training examples; lower val_fraction/test_fraction")
+    meta = {"t_val_ms": t_val, "t_test_ms": t_test, "skipped": skipped,
+            "train_range_ms": [rows["train"][0]["ts_ms"], rows["train"][-1]["ts_ms"]],
+            "counts": {s: len(r) for s, r in rows.items()}}
+    return PointInTimeDataset({s: _to_table(r, options.hard_negatives) for s, r in rows.items()}, catalogues, meta)
+
+
+def _id_order(item_id: str) -> tuple[int, str]:
+    return (0, f"{int(item_id):020d}") if item_id.isdigit() else (1, item_id)
+
+
+def _example(e: EngagementEvent, state: _State, options: DatasetOptions, tokenizer,
+             candidates: list[tuple[int, str]], engaged: set[str], rng: np.random.Generator) -> dict:
+    t = e.ts_ms
+    history = [item for _, item in state.history[e.user_id]]  # every entry is strictly before t
+    features = [state.items[x] for x in history[-options.history_len:] if x in state.items]
+    query = render_user(state.profiles.get(e.user_id, {}), features, tokenizer=tokenizer, max_tokens=options.max_seq_length)
+    live = [(ts, x) for ts, x in candidates if x in state.items]
+    negatives = _nearest_negatives(live, t, options.hard_negatives, {e.item_id})
+    n_hard = len(negatives)
+    if n_hard < options.hard_negatives:  # too few shown-but-skipped items: random items the user never engaged with
+        pool = [x for x in state.items if x not in engaged and x not in negatives and x != e.item_id]
+        if len(pool) < options.hard_negatives - n_hard:
+            raise DatasetError(f"the catalogue has too few items for {options.hard_negatives} negatives per example")
+        negatives += [str(x) for x in rng.choice(pool, options.hard_negatives - n_hard, replace=False)]
+    row = {"ts_ms": t, "user_id": e.user_id, "item_id": e.item_id, "query": query,
+           "positive": state.item_text(e.item_id, t), "history": history, "n_hard": n_hard,
+           "negative_ids": negatives, "exclude": sorted(state.shown[e.user_id] - {e.item_id})}
+    for n, item in enumerate(negatives, 1):
+        row[f"negative_{n}"] = state.item_text(item, t)
+    return row
+
+
+def _to_table(rows: list[dict], hard_negatives: int) -> pa.Table:
+    names = ["ts_ms", "user_id", "item_id", "query", "positive", *(f"negative_{n}" for n in range(1, hard_negatives + 1)),
+             "n_hard", "negative_ids", "history", "exclude"]
+    types = {"ts_ms": pa.int64(), "n_hard": pa.int32(), "negative_ids": pa.list_(pa.string()),
+             "history": pa.list_(pa.string()), "exclude": pa.list_(pa.string())}
+    return pa.table({n: pa.array([r[n] for r in rows], type=types.get(n, pa.string())) for n in names})
+
+
+# ---------------------------------------------------------------- cache
+
+
+def fingerprint(ranges: dict[TopicPartition, tuple[int, int]], options: DatasetOptions) -> str:
+    """A digest of what the examples depend on: topic offsets, options, prompt and recipe versions."""
+    payload = {
+        "offsets": sorted([tp.topic, tp.partition, *r] for tp, r in ranges.items()),
+        "options": options.model_dump(mode="json"),
+        "prompt_format": PROMPT_FORMAT_VERSION,
+        "dataset_format": DATASET_FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_or_build(settings: Settings, options: DatasetOptions, *, cache_dir: Path | None = None) -> PointInTimeDataset:
+    """The dataset for the topics as they are now: from the cache when its fingerprint matches, else built."""
+    from models.tower import build_tower
+
+    consumer = _consumer(settings)
+    try:
+        ranges = _offset_range(consumer, _partitions(consumer, settings), options, settings)
+    finally:
+        consumer.close()
+    digest = fingerprint(ranges, options)
+    root = (cache_dir or settings.cache_dir / "datasets") / digest
+    if (root / "meta.json").is_file():
+        return _load(root)
+    events = list(read_events(settings, options, ranges))
+    tokenizer = build_tower(options.base_model, max_seq_length=options.max_seq_length).tokenizer
+    data = build_examples(events, options, tokenizer)
+    data.meta.update({"fingerprint": digest, "options": options.model_dump(mode="json"),
+                      "topics": [settings.topic(k) for k in TOPIC_KINDS], "events": len(events)})
+    tmp = root.with_name(f".{digest}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for split, table in data.splits.items():
+        pq.write_table(table, tmp / f"{split}.parquet")
+    for split, table in data.catalogues.items():
+        pq.write_table(table, tmp / f"catalogue_{split}.parquet")
+    (tmp / "meta.json").write_text(json.dumps(data.meta, indent=2))
+    if root.exists():  # a concurrent builder finished first: its files are identical
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(root)
+    return _load(root)
+
+
+def _load(root: Path) -> PointInTimeDataset:
+    meta = json.loads((root / "meta.json").read_text())
+    meta["directory"] = str(root)
+    return PointInTimeDataset({s: pq.read_table(root / f"{s}.parquet") for s in SPLITS},
+                              {s: pq.read_table(root / f"catalogue_{s}.parquet") for s in ("val", "test")}, meta)

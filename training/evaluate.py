@@ -1,0 +1,309 @@
+"""Retrieval quality over the whole catalogue: recall@10/50/100 and NDCG@10, overall and on cold slices.
+
+Every method (a tower at each Matryoshka width, popularity, ALS) is reduced to a score matrix
+(queries x catalogue); one ranking function turns it into metrics, so all rows are comparable.
+A query is one engagement of the evaluated window: the user as of t against the catalogue as the
+index held it at the window's start; items the user was shown before t are filtered out, as serving
+filters what a user has already seen. Cold slices: target items never engaged in training, users
+without a training example.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+from scipy.sparse import csr_matrix
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
+
+from models.tower import truncate
+from training.dataset import PointInTimeDataset
+
+log = logging.getLogger(__name__)
+
+KS = (10, 50, 100)
+NDCG_K = 10
+SLICES = ("overall", "cold items", "cold users")
+
+
+def widths_for(full: int, widths: Iterable[int] | None = None) -> list[int]:
+    """The Matryoshka widths (default: the settings') of a tower whose embedding has ``full`` dimensions, full included."""
+    from onetower.settings import get_settings
+
+    return sorted({w for w in (widths or get_settings().matryoshka_widths) if w < full} | {full})
+
+
+def ranks(scores: np.ndarray, target: np.ndarray, exclude: list[np.ndarray]) -> np.ndarray:
+    """1-based rank of each query's target among the non-excluded items; ties go to the lower index."""
+    scores = np.array(scores, dtype=np.float64, copy=True)
+    for q, idx in enumerate(exclude):
+        scores[q, idx] = -np.inf
+    rows = np.arange(len(target))
+    own = scores[rows, target][:, None]
+    before = np.arange(scores.shape[1])[None, :] < target[:, None]
+    return 1 + (scores > own).sum(axis=1) + ((scores == own) & before).sum(axis=1)
+
+
+def metrics(rank: np.ndarray, ks: Iterable[int] = KS) -> dict[str, float]:
+    """Recall@k (one relevant item per query: the hit rate) and NDCG@10 from 1-based ranks."""
+    if len(rank) == 0:
+        return {**{f"recall@{k}": float("nan") for k in ks}, f"ndcg@{NDCG_K}": float("nan")}
+    out = {f"recall@{k}": float(np.mean(rank <= k)) for k in ks}
+    out[f"ndcg@{NDCG_K}"] = float(np.mean(np.where(rank <= NDCG_K, 1.0 / np.log2(rank + 1), 0.0)))
+    return out
+
+
+@dataclass
+class EvalSet:
+    """Queries of one window against one catalogue snapshot, with what the baselines need."""
+
+    queries: list[str]
+    catalogue_ids: list[str]
+    catalogue_texts: list[str]
+    target: np.ndarray  # index into the catalogue
+    exclude: list[np.ndarray]  # catalogue indices shown to the user before t
+    history: list[np.ndarray]  # catalogue indices of the user's positives before t (for ALS fold-in)
+    user_ids: list[str]
+    slices: dict[str, np.ndarray]  # slice name -> boolean mask over queries
+    key: list[tuple[int, str, str]]  # (ts, user, item) per query: proves two variants hold the same queries
+
+    @classmethod
+    def from_dataset(cls, data: PointInTimeDataset, split: str = "test", *, max_queries: int | None = None,
+                     seed: int = 0) -> "EvalSet":
+        table: pa.Table = data.splits[split]
+        catalogue = data.catalogues[split]
+        ids = catalogue.column("item_id").to_pylist()
+        index = {x: i for i, x in enumerate(ids)}
+        items = table.column("item_id").to_pylist()
+        keep = np.array([i for i, x in enumerate(items) if x in index], dtype=np.int64)
+        if max_queries is not None and len(keep) > max_queries:
+            keep = np.sort(np.random.default_rng(seed).choice(keep, max_queries, replace=False))
+        if len(keep) == 0:
+            raise ValueError(f"the {split} window has no engagement with a catalogue item to evaluate")
+        rows = table.take(pa.array(keep)).to_pydict()
+        train = data.splits["train"]
+        train_users = set(train.column("user_id").to_pylist())
+        train_items = set(train.column("item_id").to_pylist())
+
+        def idx(xs: list[str]) -> np.ndarray:
+            return np.array([index[x] for x in xs if x in index], dtype=np.int64)
+
+        return cls(
+            queries=rows["query"], catalogue_ids=ids, catalogue_texts=catalogue.column("text").to_pylist(),
+            target=np.array([index[x] for x in rows["item_id"]], dtype=np.int64),
+            exclude=[idx(x) for x in rows["exclude"]], history=[idx(x) for x in rows["history"]],
+            user_ids=rows["user_id"],
+            slices={"overall": np.ones(len(keep), dtype=bool),
+                    "cold items": np.array([x not in train_items for x in rows["item_id"]]),
+                    "cold users": np.array([u not in train_users for u in rows["user_id"]])},
+            key=list(zip(rows["ts_ms"], rows["user_id"], rows["item_id"])),
+        )
+
+    def score_metrics(self, scores: np.ndarray) -> dict[str, dict[str, float]]:
+        """Metrics per slice of one score matrix."""
+        rank = ranks(scores, self.target, self.exclude)
+        return {name: metrics(rank[mask]) for name, mask in self.slices.items()}
+
+
+# ---------------------------------------------------------------- methods
+
+
+def tower_scores(model: SentenceTransformer, ev: EvalSet, *, batch_size: int = 64,
+                 show_progress_bar: bool = False) -> dict[int, np.ndarray]:
+    """Score matrices of a tower at each Matryoshka width (truncated and renormalised, as served)."""
+    q = model.encode(ev.queries, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                     show_progress_bar=show_progress_bar)
+    c = model.encode(ev.catalogue_texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                     show_progress_bar=show_progress_bar)
+    return {w: truncate(q, w) @ truncate(c, w).T for w in widths_for(q.shape[1])}
+
+
+def _train_matrix(data: PointInTimeDataset, ev: EvalSet) -> tuple[csr_matrix, dict[str, int]]:
+    """Users x catalogue engagement counts of the training window."""
+    index = {x: i for i, x in enumerate(ev.catalogue_ids)}
+    train = data.splits["train"]
+    pairs = [(u, index[i]) for u, i in zip(train.column("user_id").to_pylist(), train.column("item_id").to_pylist()) if i in index]
+    users = {u: n for n, u in enumerate(dict.fromkeys(u for u, _ in pairs))}
+    rows = np.array([users[u] for u, _ in pairs])
+    cols = np.array([i for _, i in pairs])
+    matrix = csr_matrix((np.ones(len(pairs), dtype=np.float32), (rows, cols)), shape=(len(users), len(index)))
+    matrix.sum_duplicates()
+    return matrix, users
+
+
+def popularity_scores(data: PointInTimeDataset, ev: EvalSet) -> np.ndarray:
+    """Every query gets the catalogue ranked by engagements in the training window."""
+    matrix, _ = _train_matrix(data, ev)
+    return np.tile(np.asarray(matrix.sum(axis=0)).ravel(), (len(ev.queries), 1))
+
+
+def _history_matrix(ev: EvalSet) -> csr_matrix:
+    rows = np.concatenate([np.full(len(h), q) for q, h in enumerate(ev.history)] + [np.zeros(0, dtype=np.int64)])
+    cols = np.concatenate(ev.history + [np.zeros(0, dtype=np.int64)])
+    matrix = csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(ev.queries), len(ev.catalogue_ids)))
+    matrix.sum_duplicates()
+    return matrix
+
+
+def als_scores(data: PointInTimeDataset, ev: EvalSet, *, factors: int = 64, regularization: float = 0.05,
+               alpha: float = 1.0, iterations: int = 20, seed: int = 0) -> np.ndarray:
+    """ALS (``implicit``) fitted on training engagements; users are folded in from their positives
+    before t, so users without training data still get a vector (items without training data don't)."""
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    matrix, _ = _train_matrix(data, ev)
+    model = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
+                                    random_state=seed, num_threads=1)
+    model.fit(matrix, show_progress=False)
+    users = model.recalculate_user(np.arange(len(ev.queries)), _history_matrix(ev))
+    return users @ model.item_factors.T
+
+
+def tuned_als_scores(data: PointInTimeDataset, test: EvalSet, val: EvalSet, *, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """ALS with factors and regularization chosen on the validation window by recall@10 (a fair baseline)."""
+    grid = [dict(factors=f, regularization=r) for f in (32, 64, 128) for r in (0.01, 0.1, 1.0)]
+    best = max(grid, key=lambda p: val.score_metrics(als_scores(data, val, seed=seed, **p))["overall"]["recall@10"])
+    return als_scores(data, test, seed=seed, **best), best
+
+
+class RecallEvaluator(SentenceEvaluator):
+    """Validation recall@10 (and NDCG@10) at every Matryoshka width, for the trainer's curves."""
+
+    def __init__(self, ev: EvalSet, *, name: str = "val", batch_size: int = 64) -> None:
+        super().__init__()
+        self.ev, self.name, self.batch_size = ev, name, batch_size
+        self.primary_metric = "recall@10_full"
+
+    def __call__(self, model: SentenceTransformer, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+        scores = tower_scores(model, self.ev, batch_size=self.batch_size)
+        full = max(scores)
+        out: dict[str, float] = {}
+        for w, s in scores.items():
+            m = self.ev.score_metrics(s)["overall"]
+            suffix = "full" if w == full else str(w)
+            out[f"recall@10_{suffix}"] = m["recall@10"]
+            out[f"ndcg@10_{suffix}"] = m[f"ndcg@{NDCG_K}"]
+        metrics_out = self.prefix_name_to_metrics(out, self.name)
+        self.store_metrics_in_model_card_data(model, metrics_out, epoch, steps)
+        return metrics_out
+
+
+# ---------------------------------------------------------------- report
+
+
+@dataclass
+class Row:
+    method: str
+    width: int | None  # None for baselines without embeddings of a width
+    results: dict[str, dict[str, float]]  # slice -> metric -> value
+
+
+def evaluate_methods(ev: EvalSet, methods: dict[str, Callable[[], dict[int | None, np.ndarray]]]) -> list[Row]:
+    """Rows for every method at every width it offers."""
+    rows = []
+    for name, scorer in methods.items():
+        log.info("evaluating %s", name)
+        for width, scores in scorer().items():
+            rows.append(Row(name, width, ev.score_metrics(scores)))
+    return rows
+
+
+def markdown(rows: list[Row], ev: EvalSet) -> str:
+    """One table per slice: method, width, recall@10/50/100, NDCG@10."""
+    cols = [f"recall@{k}" for k in KS] + [f"ndcg@{NDCG_K}"]
+    parts = []
+    for name in SLICES:
+        n = int(ev.slices[name].sum())
+        parts.append(f"### {name} (n={n} queries)\n")
+        parts.append("| method | width | " + " | ".join(cols) + " |")
+        parts.append("|---|---:|" + "---:|" * len(cols))
+        for row in rows:
+            values = " | ".join("—" if np.isnan(row.results[name][c]) else f"{row.results[name][c]:.4f}" for c in cols)
+            parts.append(f"| {row.method} | {row.width or '—'} | {values} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def plot_recall_by_width(rows: list[Row], path: Path, metric: str = "recall@10") -> None:
+    """Recall by Matryoshka width per tower (lines), baselines as horizontal lines, one panel per slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SLICES), figsize=(5 * len(SLICES), 4), sharey=False)
+    for ax, name in zip(axes, SLICES):
+        towers = sorted({r.method for r in rows if r.width is not None}, key=[r.method for r in rows].index)
+        for method in towers:
+            pts = sorted((r.width, r.results[name][metric]) for r in rows if r.method == method and r.width is not None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        baselines = [r for r in rows if r.width is None]
+        for n, r in enumerate(baselines):
+            ax.axhline(r.results[name][metric], linestyle="--", linewidth=1.2, label=r.method, color=f"C{len(towers) + n}")
+        widths = sorted({r.width for r in rows if r.width is not None})
+        if widths:
+            ax.set_xticks(widths)
+        ax.set_xlabel("embedding width")
+        ax.set_title(name)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- a whole evaluation run
+
+
+def load_trained(directory: Path) -> SentenceTransformer:
+    """A trained tower from a training output directory (its ``model``) or one of its checkpoints."""
+    path = directory / "model" if (directory / "model" / "modules.json").is_file() else directory
+    if not (path / "modules.json").is_file():
+        raise ValueError(f"{directory} holds no trained tower (no model/ or modules.json)")
+    model = SentenceTransformer(str(path), device="cpu")
+    model.eval()
+    return model
+
+
+def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, max_queries: int | None,
+                   baselines: bool = True, split: str = "test") -> tuple[str, list[Row]]:
+    """The evaluation table (markdown, also written to ``out_dir``) and the recall-by-width plot."""
+    from models.tower import build_tower
+    from training.config import read_run
+    from training.dataset import load_or_build
+
+    data = load_or_build(settings, config.dataset_options())
+    ev = EvalSet.from_dataset(data, split, max_queries=max_queries, seed=config.seed)
+    methods: dict[str, Callable[[], dict[int | None, np.ndarray]]] = {}
+    notes: list[str] = []
+    if baselines:
+        methods["popularity (train engagements)"] = lambda: {None: popularity_scores(data, ev)}
+
+        def als() -> dict[int | None, np.ndarray]:
+            val = EvalSet.from_dataset(data, "val", max_queries=max_queries, seed=config.seed)
+            scores, best = tuned_als_scores(data, ev, val, seed=config.seed)
+            notes.append(f"ALS: factors={best['factors']}, regularization={best['regularization']} (chosen on validation recall@10)")
+            return {None: scores}
+
+        methods["ALS (implicit)"] = als
+        methods[f"untuned {config.base_model} tower"] = lambda: tower_scores(
+            build_tower(config.base_model, dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling), ev)
+    for label, directory in models.items():
+        trained, _ = read_run(directory)
+        variant = EvalSet.from_dataset(load_or_build(settings, trained.dataset_options()), split, max_queries=max_queries, seed=config.seed)
+        if variant.key != ev.key or variant.catalogue_ids != ev.catalogue_ids:
+            raise ValueError(f"model {label!r} was trained on other events or another split than {config.output_dir}'s config")
+        methods[label] = lambda directory=directory, variant=variant: tower_scores(load_trained(directory), variant)
+    rows = evaluate_methods(ev, methods)
+    table = markdown(rows, ev) + "".join(f"\n{n}" for n in notes) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "evaluation.md").write_text(table)
+    plot_recall_by_width(rows, out_dir / "recall_by_width.png")
+    return table, rows

@@ -1,0 +1,232 @@
+"""Fine-tuning the shared tower: InfoNCE with in-batch and hard negatives inside a Matryoshka loss.
+
+The sentence-transformers trainer does the work (DDP under torchrun, checkpoints, progress bars);
+this module turns a ``TrainConfig`` into its dataset, loss and arguments, and writes the curves,
+the trained model and the ``models/`` artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesRankingLoss,
+    MatryoshkaLoss,
+    MultipleNegativesRankingLoss,
+)
+from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
+from sentence_transformers.sentence_transformer.training_args import BatchSamplers, SentenceTransformerTrainingArguments
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+
+from models.tower import build_tower
+from onetower.settings import Settings
+from training.config import TrainConfig, save_config
+from training.dataset import PointInTimeDataset, load_or_build
+from training.evaluate import EvalSet, RecallEvaluator, widths_for
+
+log = logging.getLogger(__name__)
+
+MODEL_SUBDIR = "model"
+ARTIFACT_SUBDIR = "artifact"
+EVAL_LOSS_EXAMPLES = 128
+
+
+def pair_dataset(table, hard_negatives: int) -> Dataset:
+    """(anchor, positive, negative_1..k): the column layout MultipleNegativesRankingLoss reads."""
+    columns = {"anchor": table.column("query").to_pylist(), "positive": table.column("positive").to_pylist()}
+    for n in range(1, hard_negatives + 1):
+        columns[f"negative_{n}"] = table.column(f"negative_{n}").to_pylist()
+    return Dataset.from_dict(columns)
+
+
+class _SentenceOnlyMatryoshkaLoss(MatryoshkaLoss):
+    """MatryoshkaLoss that drops the token states from the model output before truncating.
+
+    sentence-transformers truncates the token states to each width too, which fails when a
+    projection makes the tower wider than its hidden size (MiniLM: 384 -> 512); InfoNCE needs only
+    the sentence embedding.
+    """
+
+    def forward(self, sentence_features, labels):
+        if self.uses_gradient_cache:
+            return super().forward(sentence_features, labels)
+        original = self.model.forward
+
+        def sentence_only(features):
+            out = original(features)
+            out.pop("token_embeddings", None)
+            return out
+
+        self.model.forward = sentence_only
+        try:
+            return super().forward(sentence_features, labels)
+        finally:
+            self.model.forward = original
+
+
+def make_loss(model: SentenceTransformer, config: TrainConfig) -> MatryoshkaLoss:
+    """InfoNCE (scale = 1/temperature; negatives gathered across devices) summed over Matryoshka widths."""
+    scale = 1.0 / config.temperature
+    if config.cached_mnrl:
+        inner = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=config.mini_batch_size,
+                                                   gather_across_devices=True)
+    else:
+        inner = MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=True)
+    dims = widths_for(model.get_embedding_dimension(), config.matryoshka_widths)[::-1]
+    return _SentenceOnlyMatryoshkaLoss(model, inner, matryoshka_dims=dims)
+
+
+def add_lora(model: SentenceTransformer, config: TrainConfig) -> None:
+    """LoRA adapters on the transformer; the added marker tokens' embedding rows stay trainable."""
+    from peft import LoraConfig, TaskType
+
+    transformer = model[0]
+    embeddings = transformer.auto_model.get_input_embeddings()
+    embed_name = next(name for name, module in transformer.auto_model.named_modules() if module is embeddings).split(".")[-1]
+    markers = [tid for tid in transformer.tokenizer.additional_special_tokens_ids]
+    model.add_adapter(LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=config.lora_r, lora_alpha=config.lora_alpha,
+                                 lora_dropout=config.lora_dropout, target_modules="all-linear",
+                                 trainable_token_indices={embed_name: markers}))
+
+
+def merge_lora(model: SentenceTransformer) -> None:
+    """Fold the adapters into the weights, so the saved model and its ONNX graph are plain."""
+    transformer = model[0]
+    if hasattr(transformer.auto_model, "merge_and_unload"):
+        transformer.auto_model = transformer.auto_model.merge_and_unload()
+
+
+def _bf16(config: TrainConfig) -> bool:
+    if config.bf16 is not None:
+        return config.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def training_args(config: TrainConfig, *, has_eval: bool) -> SentenceTransformerTrainingArguments:
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(config.output_dir / "checkpoints"),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_ratio=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        bf16=_bf16(config),
+        gradient_checkpointing=config.gradient_checkpointing,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate text in a batch would be a false in-batch negative
+        dataloader_drop_last=True,  # equal batch shapes on every device for the gathered negatives
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        seed=config.seed,
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+
+def train(config: TrainConfig, settings: Settings, *, data: PointInTimeDataset | None = None) -> Path:
+    """Train, save the model under ``output_dir/model``, curves and (optionally) the artifact; returns output_dir."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    args = training_args(config, has_eval=config.eval_during_training)
+    with args.main_process_first(local=False, desc="point-in-time dataset"):  # under torchrun rank 0 builds, the others read the cache
+        data = data or load_or_build(settings, config.dataset_options())
+    train_table = data.splits["train"]
+    if config.max_train_examples and train_table.num_rows > config.max_train_examples:
+        pick = np.sort(np.random.default_rng(config.seed).choice(train_table.num_rows, config.max_train_examples, replace=False))
+        train_table = train_table.take(pick)
+    train_ds = pair_dataset(train_table, config.hard_negatives)
+    val = data.splits["val"]
+    has_eval = config.eval_during_training and val.num_rows > 0
+    if not has_eval:
+        args.eval_strategy = IntervalStrategy.NO
+    eval_ds = pair_dataset(val.slice(0, EVAL_LOSS_EXAMPLES), config.hard_negatives) if has_eval else None
+    evaluator = RecallEvaluator(EvalSet.from_dataset(data, "val", max_queries=config.eval_max_queries, seed=config.seed)) if has_eval else None
+
+    model = build_tower(config.base_model, dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling)
+    if config.lora:
+        add_lora(model, config)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds,
+                                         eval_dataset=eval_ds, loss=make_loss(model, config), evaluator=evaluator)
+    train_range = [_iso(t) for t in data.meta["train_range_ms"]]
+    facts = {"dataset_fingerprint": data.meta.get("fingerprint"), "train_examples": train_ds.num_rows, "train_range": train_range}
+    if trainer.is_world_process_zero():
+        save_config(config, config.output_dir, facts)  # checkpoints are evaluable while training runs
+    last = get_last_checkpoint(str(config.output_dir / "checkpoints")) if config.resume and (config.output_dir / "checkpoints").is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
+    # the step-0 point of the curves (the untuned tower); train() starts a fresh log, so it is kept here
+    untuned = [{**trainer.evaluate(), "step": 0}] if has_eval and last is None else []
+    trainer.train(resume_from_checkpoint=last)
+    if has_eval:
+        trainer.evaluate()
+    if not trainer.is_world_process_zero():
+        return config.output_dir
+    if config.lora:
+        merge_lora(model)
+    model.save(str(config.output_dir / MODEL_SUBDIR))
+    save_config(config, config.output_dir, {**facts, "steps": trainer.state.global_step})
+    history = untuned + trainer.state.log_history
+    (config.output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+    plot_curves(history, config.output_dir / "curves.png")
+    if config.export:
+        export(model, config, config.output_dir / ARTIFACT_SUBDIR, training_data_range=train_range)
+    return config.output_dir
+
+
+def export(model: SentenceTransformer, config: TrainConfig, out_dir: Path, *, training_data_range: list[str] | None = None,
+           version: str | None = None, int8: bool = False):
+    """A trained tower as a ``models/`` artifact: HF files, ONNX graph, manifest with a new version."""
+    from models.artifact import export_artifact
+
+    span = tuple(datetime.fromisoformat(t) for t in training_data_range) if training_data_range else None
+    return export_artifact(model, out_dir, version=version or config.version, base_model=config.base_model, int8=int8,
+                           training_data_range=span, overwrite=True)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat()
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training and validation loss, and validation recall@10 at every width, by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss", "train loss"), ("eval_loss", "validation loss")):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        if pts:
+            ax_loss.plot(*zip(*pts), marker="." if key == "eval_loss" else None, label=label)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("Matryoshka InfoNCE loss")
+    ax_loss.legend()
+    keys = sorted({k for h in history for k in h if k.startswith("eval_val_recall@10_")},
+                  key=lambda k: (k.endswith("full"), int(k.rsplit("_", 1)[1]) if not k.endswith("full") else 0))
+    for key in keys:
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        ax_rec.plot(*zip(*pts), marker="o", label=key.rsplit("_", 1)[1])
+    ax_rec.set_xlabel("step")
+    ax_rec.set_ylabel("validation recall@10")
+    ax_rec.legend(title="width")
+    for ax in (ax_loss, ax_rec):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
