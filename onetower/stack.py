@@ -220,14 +220,25 @@ class Milvus(Service):
     def address(self) -> str:
         return self.settings.milvus_uri
 
+    @property
+    def ready_file(self) -> Path:
+        return self.data_dir / "ready"
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.ready_file.unlink(missing_ok=True)  # left by a supervisor that was SIGKILLed
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "onetower.milvus_supervisor", "--data", str(self.data_dir),
-                "--port", str(self.settings.milvus_port)]
+                "--port", str(self.settings.milvus_port), "--ready-file", str(self.ready_file)]
 
     def is_ready(self) -> bool:
+        """The supervisor saw every component healthy, and a client call succeeds."""
         from pymilvus import MilvusClient
         from pymilvus.exceptions import MilvusException
 
+        if self.pid() is not None and not self.ready_file.exists():
+            return False
         try:
             client = MilvusClient(uri=self.settings.milvus_uri, token=self.settings.milvus_token, timeout=2)
             client.list_collections()
