@@ -235,7 +235,6 @@ class Milvus(Service):
     def is_ready(self) -> bool:
         """The supervisor saw every component healthy, and a client call succeeds."""
         from pymilvus import MilvusClient
-        from pymilvus.exceptions import MilvusException
 
         if self.pid() is not None and not self.ready_file.exists():
             return False
@@ -244,7 +243,7 @@ class Milvus(Service):
             client.list_collections()
             client.close()
             return True
-        except (MilvusException, OSError, Exception):  # pymilvus raises grpc errors of several kinds while starting
+        except Exception:  # pymilvus raises Milvus, grpc and OS errors of several kinds while starting
             return False
 
 

@@ -78,6 +78,11 @@ class ItemState:
 # Shared Lua: count one signal for an item (hour bucket, prune buckets outside the longest window,
 # newest counter time, change number), and queue the item for a bucket check.
 _COUNT = """
+local function capped_add(zset, member, ts, cap)
+  redis.call('ZADD', zset, 'GT', ts, member)
+  local extra = redis.call('ZCARD', zset) - cap
+  if extra > 0 then redis.call('ZREMRANGEBYRANK', zset, 0, extra - 1) end
+end
 local function count(meta, cnt, counted, item, ts, bucket_ms, max_window_h)
   local b = math.floor(ts / bucket_ms)
   local cts = tonumber(redis.call('HGET', meta, 'cts') or '-1')
@@ -99,9 +104,7 @@ end
 _ENGAGEMENT = _COUNT + """
 if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
 local ts = tonumber(ARGV[4])
-redis.call('ZADD', KEYS[3], 'GT', ts, ARGV[3])
-local extra = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[5])
-if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, extra - 1) end
+capped_add(KEYS[3], ARGV[3], ts, tonumber(ARGV[5]))
 redis.call('SADD', KEYS[4], ARGV[3])
 if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
 redis.call('ZADD', KEYS[5], 'NX', ARGV[6], ARGV[2])
@@ -114,9 +117,7 @@ return 1
 _IMPRESSION = _COUNT + """
 if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
 local ts = tonumber(ARGV[3])
-redis.call('ZADD', KEYS[3], 'GT', ts, ARGV[2])
-local extra = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
-if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, extra - 1) end
+capped_add(KEYS[3], ARGV[2], ts, tonumber(ARGV[4]))
 if ts > tonumber(redis.call('HGET', KEYS[2], 'its') or '-1') then redis.call('HSET', KEYS[2], 'its', ts) end
 count(KEYS[4], KEYS[5], KEYS[6], ARGV[2], ts, tonumber(ARGV[5]), tonumber(ARGV[6]))
 return 1
