@@ -187,8 +187,7 @@ class Kafka(Service):
             "offsets.topic.num.partitions=8\nlog.retention.hours=-1\n"
         )
         if not (self.data_dir / "data" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config_file)),
+            subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", kafka_cluster_id(), "-c", str(self.config_file)),
                            check=True, capture_output=True, cwd=self.data_dir)
 
     def command(self) -> list[str]:
@@ -209,6 +208,16 @@ class Kafka(Service):
             return False
         finally:
             admin.close()
+
+
+def kafka_cluster_id() -> str:
+    """A random Kafka Uuid (22 urlsafe base64 chars), redrawn as Kafka's own generator does while it
+    begins with '-': ``StorageTool format -t`` would read such an id as a flag. (A uuid4 is never one of
+    Kafka's reserved ids, which are all zero but the last bit.)"""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class Milvus(Service):
