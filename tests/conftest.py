@@ -35,6 +35,25 @@ def local_stack(base_settings: Settings) -> Settings:
     return base_settings
 
 
+@pytest.fixture(scope="module")
+def private_stack(tmp_path_factory: pytest.TempPathFactory, base_settings: Settings) -> Iterator[Settings]:
+    """Kafka and Redis on other ports and another state dir, so stopping them leaves the shared stack alone;
+    whatever a test started on them is stopped afterwards, even when the test failed.
+
+    Milvus standalone cannot run twice on one machine (its embedded etcd binds fixed ports), so this
+    stack uses Milvus Lite; the server's own restart is tested on the shared stack, last.
+    """
+    state = tmp_path_factory.mktemp("stack")
+    private = base_settings.model_copy(update={
+        "state_dir": state, "kafka_bootstrap": "127.0.0.1:19092", "kafka_controller_port": 19093,
+        "redis_url": "redis://127.0.0.1:16379/0", "milvus_uri": str(state / "lite.db"), "kafka_heap": "256m",
+    })
+    try:
+        yield private
+    finally:
+        stack.down(private)
+
+
 @pytest.fixture()
 def settings(local_stack: Settings) -> Settings:
     """Per-test settings on the real stack, isolated by unique prefixes."""

@@ -14,20 +14,6 @@ from onetower.settings import Settings
 pytestmark = pytest.mark.stack
 
 
-@pytest.fixture(scope="module")
-def private_stack(tmp_path_factory: pytest.TempPathFactory, base_settings: Settings) -> Settings:
-    """Kafka and Redis on other ports and another state dir, so stopping them leaves the shared stack alone.
-
-    Milvus standalone cannot run twice on one machine (its embedded etcd binds fixed ports), so this
-    stack uses Milvus Lite; the server's own restart is tested on the shared stack, last.
-    """
-    state = tmp_path_factory.mktemp("stack")
-    return base_settings.model_copy(update={
-        "state_dir": state, "kafka_bootstrap": "127.0.0.1:19092", "kafka_controller_port": 19093,
-        "redis_url": "redis://127.0.0.1:16379/0", "milvus_uri": str(state / "lite.db"), "kafka_heap": "256m",
-    })
-
-
 def _family(pids: list[int]) -> list[int]:
     """The pids and all their descendants."""
     return [p.pid for pid in pids for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]]
