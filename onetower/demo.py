@@ -37,13 +37,22 @@ def demo(
     timeout_s: float = typer.Option(1800.0, help="give up waiting for the worker after this long"),
 ) -> None:
     """Run the whole system once on MovieLens-100k and show a user's candidates change after an engagement."""
-    from indexer.candidates import UnknownUser
+    from indexer.candidates import ServiceUnavailable, UnknownUser
     from indexer.reindex import ReindexError
+    from indexer.vectors import IndexUnavailable
     from models.errors import ModelError
     from streams.movielens import MovieLensError
     from streams.topics import KafkaUnavailable
 
-    settings = get_settings()
+    explained = (stack.StackError, MovieLensError, KafkaUnavailable, ModelError, ReindexError, UnknownUser,
+                 IndexUnavailable, ServiceUnavailable, TimeoutError)
+    try:
+        _demo(get_settings(), short, train, keep_stack, timeout_s)
+    except Exception as exc:  # one line, never a traceback; errors not ours also name their type
+        raise fail(str(exc) if isinstance(exc, explained) else f"{type(exc).__name__}: {exc}") from None
+
+
+def _demo(settings: Settings, short: bool, train: bool, keep_stack: bool, timeout_s: float) -> None:
     was_running = all(s.ready for s in stack.status(settings))
     try:
         with console.status("starting Kafka, Redis and Milvus..."):
@@ -53,8 +62,6 @@ def demo(
         model_dir = _model(settings, train)
         with _worker(settings, model_dir):
             _run(settings, model_dir, timeout_s)
-    except (stack.StackError, MovieLensError, KafkaUnavailable, ModelError, ReindexError, UnknownUser, TimeoutError) as exc:
-        raise fail(str(exc)) from None
     finally:
         if not (keep_stack or was_running):
             stack.down(settings)
@@ -148,7 +155,6 @@ def _run(settings: Settings, model_dir: Path, timeout_s: float) -> None:
     from indexer.vectors import VectorIndex
     from models.artifact import ModelArtifact
     from streams.events import EngagementEvent
-    from streams.inspect import group_lag
     from streams.producer import EventProducer
     from streams.state import StateStore
     from streams.worker import app_id
@@ -158,7 +164,7 @@ def _run(settings: Settings, model_dir: Path, timeout_s: float) -> None:
     started = time.perf_counter()
     with console.status("the worker applies the events and encodes every dirty user and item...") as status:
         def caught_up() -> bool:
-            lag = group_lag(settings, app_id(settings))
+            lag = ready_group_lag(settings, app_id(settings))
             dirty = store.dirty_count("users") + store.dirty_count("items")
             status.update(f"worker: {lag:,} events to apply, {dirty:,} users/items to encode")
             return lag == 0 and dirty == 0
@@ -186,6 +192,23 @@ def _run(settings: Settings, model_dir: Path, timeout_s: float) -> None:
     _show(store, user, after, f"after, vector refreshed {freshness:.2f}s after the engagement was sent")
     moved = len({i for i, _ in before.items} - {i for i, _ in after.items})
     console.print(f"{moved} of 10 candidates changed; freshness {freshness:.2f}s (event sent -> user vector upserted in Milvus)")
+
+
+def ready_group_lag(settings: Settings, group: str, timeout_s: float = 120.0) -> int:
+    """``group_lag``, retried while Kafka answers with a retriable error for up to ``timeout_s``: a fresh
+    broker creates its offsets topic on the first group request and has no coordinator for a while."""
+    from kafka.errors import KafkaError
+
+    from streams.inspect import group_lag
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return group_lag(settings, group)
+        except KafkaError as exc:
+            if not exc.retriable or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 def _busiest_user(store) -> str:
