@@ -35,6 +35,8 @@ ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 MAX_FEATURES_BYTES = 16 * 1024
 MAX_PAST = timedelta(days=40 * 365)
 MAX_AHEAD = timedelta(days=1)
+ORIGIN_HEADER = "onetower-origin"
+MAX_DEAD_RAW_BYTES = 512 * 1024  # base64 of it stays under Kafka's default 1 MiB message limit
 MAX_REASON_CHARS = 2000  # a record with thousands of bad fields still gets a short dead letter
 INT64 = (-(2**63), 2**63 - 1)
 _ORIGIN_NS = uuid.UUID("6f6e6574-6f77-6572-8000-6576656e7473")  # fixed: ids derived from coordinates never change
@@ -65,7 +67,8 @@ class InvalidEvent(ValueError):
 
 
 class Origin(NamedTuple):
-    """Where a record was read: a record without an event id is identified by these."""
+    """Where a record was first read: a record without an event id is identified by these. A record
+    replayed from the DLQ carries its original ones in the ``ORIGIN_HEADER`` header."""
 
     topic: str
     partition: int
@@ -74,6 +77,18 @@ class Origin(NamedTuple):
     @property
     def event_id(self) -> str:
         return uuid.uuid5(_ORIGIN_NS, f"{self.topic}/{self.partition}/{self.offset}").hex
+
+    def header(self) -> bytes:
+        return f"{self.topic}:{self.partition}:{self.offset}".encode()
+
+    @classmethod
+    def from_header(cls, value: bytes) -> Origin | None:
+        """The header's coordinates; None when it is malformed (the record's own are used then)."""
+        try:
+            topic, partition, offset = value.decode().rsplit(":", 2)
+            return cls(topic, int(partition), int(offset))
+        except ValueError:  # also UnicodeDecodeError
+            return None
 
 
 def _features_size(features: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +232,9 @@ def parse_event(topic_kind: str, raw: bytes | str | None, origin: Origin | None 
 
 
 class DeadLetter(BaseModel):
-    """What the DLQ keeps of a record that could not be processed: enough to replay it after a fix."""
+    """What the DLQ keeps of a record that could not be processed: enough to replay it after a fix.
+    ``raw_b64`` is None for a tombstone, and for a value over ``MAX_DEAD_RAW_BYTES`` (the reason says
+    so): a dead letter must fit in a Kafka message wherever the record came from."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -225,24 +242,29 @@ class DeadLetter(BaseModel):
     partition: int
     offset: int
     key: str | None
-    raw_b64: str = Field(description="the record's value, base64-encoded, exactly as received")
+    raw_b64: str | None = Field(description="the record's value, base64-encoded, exactly as received")
     error: str
     ts: AwareDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @classmethod
     def of(cls, topic: str, partition: int, offset: int, key: bytes | None, raw: bytes | None, error: str) -> "DeadLetter":
+        kept = raw is not None and len(raw) <= MAX_DEAD_RAW_BYTES
         return cls(
             source_topic=topic,
             partition=partition,
             offset=offset,
             key=key.decode(errors="replace") if key is not None else None,
-            raw_b64=base64.b64encode(raw or b"").decode(),
-            error=error,
+            raw_b64=base64.b64encode(raw).decode() if kept else None,
+            error=_printable(error if kept or raw is None else f"{error} (value of {len(raw)} bytes not kept)"),
         )
 
     @property
-    def raw(self) -> bytes:
-        return base64.b64decode(self.raw_b64)
+    def raw(self) -> bytes | None:
+        return None if self.raw_b64 is None else base64.b64decode(self.raw_b64)
+
+    @property
+    def origin(self) -> Origin:
+        return Origin(self.source_topic, self.partition, self.offset)
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

@@ -4,7 +4,10 @@ Exactly-once effect under at-least-once delivery: every event is applied by ONE 
 first claims the event's idempotency key (``SET NX EX``) and then changes the state, so a replay
 (after a crash, a rebalance, or a producer retry) changes nothing, and a crash cannot land between
 the claim and the change. The same script marks the entity dirty, so an applied event always
-leaves its entity queued for re-encoding.
+leaves its entity queued for re-encoding. Redis does not roll back a script that fails, so the
+change runs under ``pcall``: a failure on the event's own data (a key of the wrong type, a corrupt
+field) releases the claim and replies ``REJECTED <reason>`` (``rejected``), so the event can go to
+the DLQ and a replay after a fix applies it; writes made before the failure stay.
 
 Layout (``P`` = ``settings.redis_key_prefix``; every key ends in a type suffix, so ids may hold ':'):
 
@@ -50,6 +53,26 @@ if TYPE_CHECKING:
     from models.render import PercentileTable
 
 Kind = Literal["users", "items"]
+REJECTED = "REJECTED"  # prefix of the error an event script replies when the event's own data failed it
+
+
+def rejected(exc: BaseException) -> bool:
+    """True for a script's reply that this event failed on its own data: retrying cannot help."""
+    return type(exc) is redis.ResponseError and str(exc).startswith(REJECTED + " ")
+
+
+def _event_script(helpers: str, body: str) -> str:
+    """An event script: claim the event id (KEYS[1], TTL ARGV[1]; 0 when already applied), apply
+    ``body`` under pcall, and on failure release the claim and reply REJECTED with the reason."""
+    return helpers + f"""
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+local ok, err = pcall(function()
+{body}
+end)
+if ok then return 1 end
+redis.call('DEL', KEYS[1])
+return redis.error_reply('{REJECTED} ' .. (type(err) == 'table' and err.err or tostring(err)))
+"""
 
 
 @dataclass(frozen=True)
@@ -101,44 +124,38 @@ end
 
 # KEYS: ev, u_meta, u_hist, u_seen, dirty_users, i_meta, i_cnt, counted
 # ARGV: ttl, user_id, item_id, ts, history_len, now_ms, bucket_ms, max_window_h
-_ENGAGEMENT = _COUNT + """
-if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+_ENGAGEMENT = _event_script(_COUNT, """
 local ts = tonumber(ARGV[4])
 capped_add(KEYS[3], ARGV[3], ts, tonumber(ARGV[5]))
 redis.call('SADD', KEYS[4], ARGV[3])
 if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
 redis.call('ZADD', KEYS[5], 'NX', ARGV[6], ARGV[2])
 count(KEYS[6], KEYS[7], KEYS[8], ARGV[3], ts, tonumber(ARGV[7]), tonumber(ARGV[8]))
-return 1
-"""
+""")
 
 # KEYS: ev, u_meta, u_imp, i_meta, i_cnt, counted
 # ARGV: ttl, item_id, ts, impressions_len, bucket_ms, max_window_h
-_IMPRESSION = _COUNT + """
-if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+_IMPRESSION = _event_script(_COUNT, """
 local ts = tonumber(ARGV[3])
 capped_add(KEYS[3], ARGV[2], ts, tonumber(ARGV[4]))
 if ts > tonumber(redis.call('HGET', KEYS[2], 'its') or '-1') then redis.call('HSET', KEYS[2], 'its', ts) end
 count(KEYS[4], KEYS[5], KEYS[6], ARGV[2], ts, tonumber(ARGV[5]), tonumber(ARGV[6]))
-return 1
-"""
+""")
 
 # Profile or item features: replaced when the event is not older than the stored ones (compacted
 # topics carry full state per key; an out-of-order older event must not win).
 # KEYS: ev, meta, features, dirty      ARGV: ttl, entity_id, ts, now_ms, deleted ('' for users), k1, v1, ...
-_ENTITY = """
-if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+_ENTITY = _event_script("", """
 local ts = tonumber(ARGV[3])
 local tsf = ARGV[5] == '' and 'pts' or 'fts'
-if ts < tonumber(redis.call('HGET', KEYS[2], tsf) or '-1') then return 1 end
+if ts < tonumber(redis.call('HGET', KEYS[2], tsf) or '-1') then return end
 redis.call('DEL', KEYS[3])
 for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], tsf, ts)
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'deleted', ARGV[5]) end
 if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
 redis.call('ZADD', KEYS[4], 'NX', ARGV[4], ARGV[2])
-return 1
-"""
+""")
 
 # Move up to ARGV[2] entities to inflight with a lease: first those whose lease expired (a worker
 # died mid-batch), then settled dirty ones, queue by queue, that are not under a live lease (another
@@ -223,6 +240,15 @@ class StateStore:
 
     def apply_many(self, events: Sequence[Event], now_ms: int | None = None) -> list[bool]:
         """Apply events in order in one round trip; each is atomic and idempotent on its own."""
+        results = self.try_apply_many(events, now_ms)
+        for res in results:
+            if isinstance(res, redis.ResponseError):
+                raise res
+        return results  # type: ignore[return-value]
+
+    def try_apply_many(self, events: Sequence[Event], now_ms: int | None = None) -> list[bool | redis.ResponseError]:
+        """``apply_many``, but an event that failed on its own data (``rejected``) gets its error in
+        its place while the others are applied; any other error reply is raised."""
         now = _now_ms() if now_ms is None else now_ms
         s = self.settings
         pipe = self.r.pipeline(transaction=False)
@@ -252,7 +278,11 @@ class StateStore:
                              client=pipe)
             else:
                 raise TypeError(f"not an event: {type(ev).__name__}")
-        return [bool(x) for x in pipe.execute()]
+        results = pipe.execute(raise_on_error=False)
+        for res in results:
+            if isinstance(res, Exception) and not rejected(res):
+                raise res
+        return [res if isinstance(res, redis.ResponseError) else bool(res) for res in results]
 
     # -- reads --------------------------------------------------------------------------------
     def users(self, ids: Sequence[str]) -> list[UserState | None]:

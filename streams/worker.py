@@ -4,9 +4,9 @@ Delivery is at-least-once and the effect exactly-once: an agent takes a batch of
 topic, applies the valid ones to Redis (each event one idempotent script, see ``streams.state``),
 sends the invalid ones to the DLQ and waits for the broker's acknowledgement, and only then lets
 faust acknowledge the batch, whose offsets are committed after that. A crash anywhere before the
-commit replays the batch, and the replay changes nothing that was already applied. Failures of Redis
-are retried in place (the batch is never acknowledged unapplied); a record Redis rejects as such
-goes to the DLQ like invalid input.
+commit replays the batch, and the replay changes nothing that was already applied (an event without
+an id gets one derived from its record's coordinates). Failures of Redis are retried in place (the
+batch is never acknowledged unapplied); a record that fails on its own goes to the DLQ with the reason.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from faust.types import EventT
 from indexer.vectors import IndexUnavailable
 from onetower.settings import Settings
 from streams import metrics
-from streams.events import DeadLetter, Event, InvalidEvent, parse_event
+from streams.events import ORIGIN_HEADER, DeadLetter, Event, InvalidEvent, Origin, parse_event
 from streams.refresher import Refresher
-from streams.state import StateStore
+from streams.state import StateStore, rejected
 from streams.topics import ensure_topics
 
 log = logging.getLogger("onetower.worker")
@@ -60,7 +60,11 @@ async def _finish(fut: Awaitable[T]) -> T:
 
 
 class EventApplier:
-    """Applies one agent batch: parse, apply (retrying Redis), dead-letter what cannot be applied."""
+    """Applies one agent batch: parse, apply (retrying Redis), dead-letter what cannot be applied.
+
+    Every record either changes the state (or is a recognised duplicate) or goes to the DLQ with its
+    reason: an error of one record's own (invalid input, a script failing on its data, a bug) never
+    stops the agent. Only Redis being unavailable stops progress, and then the batch is retried."""
 
     def __init__(self, store: StateStore, send_dlq: Callable[[bytes | None, bytes], Awaitable[Any]],
                  pool: ThreadPoolExecutor) -> None:
@@ -72,18 +76,18 @@ class EventApplier:
         valid: list[tuple[Event, EventT]] = []
         dead: list[tuple[EventT, str]] = []
         for rec in records:
-            value = rec.message.value
             try:
-                if value is None:
-                    raise InvalidEvent("null value (a tombstone): entities are deleted by an event with deleted=true")
-                valid.append((parse_event(kind, value), rec))
+                valid.append((parse_event(kind, rec.message.value, origin(rec.message)), rec))
             except InvalidEvent as exc:
                 dead.append((rec, str(exc)))
+            except Exception as exc:  # a parser bug costs one record, never the agent
+                log.exception("parsing failed unexpectedly")
+                dead.append((rec, f"parsing failed: {type(exc).__name__}: {exc}"))
         if valid:
             results = await self._apply([ev for ev, _ in valid])
             for (ev, rec), res in zip(valid, results):
-                if isinstance(res, redis.ResponseError):
-                    dead.append((rec, f"redis rejected the event: {res}"))
+                if isinstance(res, Exception):
+                    dead.append((rec, f"could not apply the event: {type(res).__name__}: {res}"))
                 else:
                     metrics.EVENTS.labels(kind, "applied" if res else "duplicate").inc()
         for rec, reason in dead:
@@ -95,35 +99,45 @@ class EventApplier:
             log.warning("dead-lettered", extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
                                                 "reason": reason})
 
-    async def _apply(self, events: list[Event]) -> list[bool | redis.ResponseError]:
-        """Apply in one round trip; if a script rejects an event, apply one by one to isolate it."""
+    async def _apply(self, events: list[Event]) -> list[bool | Exception]:
+        """Apply in one round trip (an event its own data fails gets its error in its place); if the
+        batch fails as a whole for a reason other than Redis, apply one by one to isolate the event."""
         loop = asyncio.get_running_loop()
         while True:
             try:
                 try:
-                    return list(await loop.run_in_executor(self.pool, self.store.apply_many, events))
-                except redis.ResponseError as exc:
-                    if not _rejects_event(exc):
+                    return list(await loop.run_in_executor(self.pool, self.store.try_apply_many, events))
+                except Exception as exc:
+                    if _unavailable(exc):
                         raise
+                    log.warning("batch failed; applying one by one", extra={"error": repr(exc), "events": len(events)})
                     return [await loop.run_in_executor(self.pool, self._apply_one, ev) for ev in events]
             except redis.RedisError as exc:  # Redis down, read-only, out of memory...: retry, unacknowledged
                 metrics.REDIS_ERRORS.inc()
                 log.warning("redis unavailable; retrying the batch", extra={"error": str(exc), "events": len(events)})
                 await asyncio.sleep(REDIS_RETRY_S)
 
-    def _apply_one(self, event: Event) -> bool | redis.ResponseError:
+    def _apply_one(self, event: Event) -> bool | Exception:
         try:
-            return self.store.apply(event)
-        except redis.ResponseError as exc:
-            if not _rejects_event(exc):
+            return self.store.try_apply_many([event])[0]
+        except Exception as exc:
+            if _unavailable(exc):
                 raise
             return exc
 
 
-def _rejects_event(exc: redis.ResponseError) -> bool:
-    """A script failed on this event's data (e.g. too many features to pass): retrying cannot help.
-    Every other error reply (OOM, READONLY, BUSY, cluster moves) is the server's state: retry."""
-    return type(exc) is redis.ResponseError and "@user_script" in str(exc)
+def _unavailable(exc: Exception) -> bool:
+    """Redis' own state (down, OOM, READONLY, BUSY, cluster moves): retrying will help. A script
+    rejecting the event (``rejected``) or a command that cannot be encoded (DataError) will not."""
+    return isinstance(exc, redis.RedisError) and not isinstance(exc, redis.DataError) and not rejected(exc)
+
+
+def origin(message: Any) -> Origin:
+    """The coordinates that identify a record without an event id: its own, or for a record replayed
+    from the DLQ those of the original (a header), so a replay is applied at most once."""
+    headers = dict(message.headers or {})
+    found = Origin.from_header(headers[ORIGIN_HEADER]) if ORIGIN_HEADER in headers else None
+    return found or Origin(message.topic, message.partition, message.offset)
 
 
 def build_app(settings: Settings, refresher: Refresher | None, store: StateStore | None = None) -> faust.App:

@@ -8,11 +8,12 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 import pytest
+import redis
 
 from onetower.settings import Settings
 from streams.counters import BUCKET_MS, COUNTER_NAMES, PointInTimeCounters
 from streams.events import EngagementEvent, ImpressionEvent, ItemEvent, UserEvent
-from streams.state import HistoryEntry, StateStore
+from streams.state import HistoryEntry, StateStore, rejected
 
 pytestmark = pytest.mark.stack
 
@@ -119,7 +120,7 @@ def test_profiles_and_features_take_the_newest_event_time(store: StateStore) -> 
     assert i2.deleted and i2.features == {}
     store.apply(ItemEvent(item_id="i3", features={"title": "T", "rating": 4.5, "new": True}, ts=at(T0)))
     assert store.items(["i3"])[0].features == {"title": "T", "rating": 4.5, "new": True}
-    wide = {f"f{n}": n for n in range(10_000)}  # more than a Lua call may take as arguments at once
+    wide = {f"{n:x}": 0 for n in range(2000)}  # about the most features the 16 KiB cap lets through
     assert store.apply(ItemEvent(item_id="i4", features=wide, ts=at(T0)))
     assert store.items(["i4"])[0].features == wide
 
@@ -205,3 +206,18 @@ def test_ids_are_scanned_per_prefix(store: StateStore, settings: Settings) -> No
         assert store.recent_impressions("u2") == [HistoryEntry("i:m", T0)]
     finally:
         drop_prefix(other)
+
+
+def test_an_event_its_own_state_fails_is_rejected_alone_and_can_be_applied_after_a_fix(store: StateStore) -> None:
+    store.r.set(store._u("broken", "h"), "not a history")  # a key of the wrong type: ZADD fails inside the script
+    events = [EngagementEvent(user_id="ok", item_id="i", ts=at(T0)), EngagementEvent(user_id="broken", item_id="i", ts=at(T0)),
+              EngagementEvent(user_id="ok", item_id="j", ts=at(T0 + 1))]
+    results = store.try_apply_many(events)
+    assert results[0] is True and results[2] is True
+    assert rejected(results[1]) and "WRONGTYPE" in str(results[1])
+    with pytest.raises(redis.ResponseError, match="^REJECTED WRONGTYPE"):
+        store.apply(EngagementEvent(user_id="broken", item_id="k", ts=at(T0)))
+    store.r.delete(store._u("broken", "h"))
+    assert store.apply(events[1])  # the claim was released: the fixed replay applies it (once)
+    assert not store.apply(events[1])
+    assert [h.item_id for h in store.users(["broken"])[0].history] == ["i"]

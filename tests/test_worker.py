@@ -307,3 +307,49 @@ def test_two_workers_split_partitions_and_reach_the_one_worker_state(wsettings: 
     poll("every entity's vector to reflect its state", lambda: vectors_reflect_state(index, store, "tiny_streams", users, items))
     assert a.events("applied") > 0 and b.events("applied") > 0
     assert a.events("applied") + b.events("applied") == len(events)
+
+
+def dead_letters(settings: Settings, n: int) -> list[DeadLetter]:
+    """The first ``n`` records of the DLQ topic (polls until there are that many)."""
+    consumer = KafkaConsumer(settings.topic("dlq"), bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest",
+                             consumer_timeout_ms=2000)
+    letters: list[DeadLetter] = []
+    try:
+        poll(f"{n} dead letters", lambda: letters.extend(DeadLetter.model_validate_json(m.value) for m in consumer) or len(letters) >= n)
+    finally:
+        consumer.close()
+    return letters
+
+
+def test_every_hostile_record_goes_to_the_dlq_with_its_reason_and_the_worker_keeps_applying(
+        wsettings: Settings, workers: Callable[[], Worker]) -> None:
+    store = StateStore.from_settings(wsettings)
+    store.r.set(store._u("broken", "h"), "not a history")  # this user's own state fails the engagement script
+    w = workers()
+    eng, items = wsettings.topic("engagements"), wsettings.topic("items")
+    hostile = {
+        "Exceeds the limit (4300 digits)": (eng, b"u0", b'{"user_id": "u0", "item_id": ' + b"1" * 5000 + b"}"),
+        "RecursionError": (eng, b"u0", b"[" * 100_000 + b"]" * 100_000),
+        "NaN is not a JSON number": (items, b"m9", b'{"item_id": "m9", "features": {"year": NaN}}'),
+        "tombstone": (items, b"m9", None),
+        "REJECTED WRONGTYPE": (eng, b"broken", EngagementEvent(user_id="broken", item_id="m0", ts=now(-20)).to_bytes()),
+    }
+    valid = [EngagementEvent(user_id="u0", item_id=f"m{k}", ts=now(-10 + k)) for k in range(len(hostile))]
+    raw = KafkaProducer(bootstrap_servers=wsettings.kafka_bootstrap, acks="all")
+    for (topic, key, value), ev in zip(hostile.values(), valid):
+        raw.send(topic, key=key, value=value)
+        raw.send(eng, key=ev.key.encode(), value=ev.to_bytes())
+    raw.send(items, key=b"m1", value=ItemEvent(item_id="m1", features={"title": "After the poison"}).to_bytes())
+    raw.flush()
+    raw.close()
+
+    poll("every valid engagement applied", lambda: store.users(["u0"])[0] is not None
+         and [h.item_id for h in store.users(["u0"])[0].history] == [ev.item_id for ev in valid])
+    poll("the item after the poisoned ones applied", lambda: store.items(["m1"])[0] is not None and store.items(["m1"])[0].features)
+    letters = dead_letters(wsettings, len(hostile))
+    assert len(letters) == len(hostile)
+    for reason, (topic, _, value) in hostile.items():
+        (letter,) = [x for x in letters if reason in x.error]
+        assert letter.source_topic == topic and letter.raw == value
+    assert w.proc.poll() is None
+    assert w.events("invalid") == len(hostile)
