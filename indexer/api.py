@@ -8,6 +8,7 @@ exposes Prometheus metrics, ``/docs`` and ``/openapi.json`` the OpenAPI descript
 No ``from __future__ import annotations`` here: FastAPI must see the k bound, a closure over settings.
 """
 
+import logging
 import time
 from typing import Annotated
 
@@ -18,11 +19,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 
 from indexer.candidates import CandidateResult, InvalidRequest, Retriever, ServiceUnavailable, UnknownUser
-from indexer.vectors import MAX_TOPK, IndexUnavailable, InvalidFilter
+from indexer.vectors import MAX_TOPK, InvalidFilter, Unavailable
 from models.errors import RenderError
 from onetower.settings import Settings
 from streams.events import EntityId, FeatureValue
 
+log = logging.getLogger("onetower.api")
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -81,11 +83,15 @@ def create_app(settings: Settings, retriever: Retriever | None = None) -> FastAP
             return JSONResponse(status_code=status, content={"detail": str(exc)})
         return handler
 
+    async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        """What failed, for the client; where (server addresses) and why in full, for the server's log only."""
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(status_code=503, content={"detail": exc.public})
+
     app.add_exception_handler(UnknownUser, error(404))
     for exc_type in (InvalidRequest, InvalidFilter, RenderError):  # RenderError: body features that cannot be rendered
         app.add_exception_handler(exc_type, error(422))
-    for exc_type in (IndexUnavailable, ServiceUnavailable):
-        app.add_exception_handler(exc_type, error(503))
+    app.add_exception_handler(Unavailable, unavailable)  # Milvus (IndexUnavailable), Redis or the encoder
 
     def respond(result: CandidateResult) -> CandidatesResponse:
         if result.cold_start:
@@ -122,7 +128,7 @@ def create_app(settings: Settings, retriever: Retriever | None = None) -> FastAP
         try:
             retriever.store.r.ping()
         except redis.RedisError as exc:
-            raise ServiceUnavailable(f"Redis at {settings.redis_url} failed: {exc}") from None
+            raise ServiceUnavailable(f"Redis at {settings.redis_url} failed: {exc}", public="Redis failed to answer") from None
         return {"status": "ready", "version": version}
 
     @app.get("/metrics")

@@ -19,7 +19,7 @@ import numpy as np
 import redis
 
 from indexer.texts import user_state_texts, user_text
-from indexer.vectors import MAX_TOPK, VectorIndex
+from indexer.vectors import MAX_TOPK, Unavailable, VectorIndex
 from onetower.settings import Settings, get_settings
 from streams.state import StateStore
 
@@ -37,7 +37,7 @@ class InvalidRequest(ValueError):
     """A parameter out of range (k); the message says which."""
 
 
-class ServiceUnavailable(RuntimeError):
+class ServiceUnavailable(Unavailable):
     """A dependency other than Milvus (Redis, the encoder of the active version) cannot serve."""
 
 
@@ -102,7 +102,7 @@ class Retriever:
         try:
             return read()
         except redis.RedisError as exc:
-            raise ServiceUnavailable(f"Redis at {self.settings.redis_url} failed: {exc}") from None
+            raise ServiceUnavailable(f"Redis at {self.settings.redis_url} failed: {exc}", public="Redis failed to answer") from None
 
     def encoder(self, version: str) -> Encoder:
         """The encoder of ``version``: ``settings.model_dir`` when it holds that version, else the model
@@ -127,7 +127,8 @@ class Retriever:
             except ModelError:
                 continue
         raise ServiceUnavailable(f"no model directory holds the active version {version} "
-                                 f"(recorded: {recorded}; set ONETOWER_MODEL_DIR) to encode a user not indexed yet")
+                                 f"(recorded: {recorded}; set ONETOWER_MODEL_DIR) to encode a user not indexed yet",
+                                 public=f"the encoder of version {version} is not available to encode a user not indexed yet")
 
 
 @lru_cache(maxsize=1)

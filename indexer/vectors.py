@@ -17,13 +17,14 @@ Milvus 2.3); reads that must see their own writes (counts, checks, metadata) use
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -45,7 +46,16 @@ _VERSION_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 _META_DIM = 2  # Milvus requires a vector field in every collection; the metadata one never searches it
 
 
-class IndexUnavailable(RuntimeError):
+class Unavailable(RuntimeError):
+    """A server cannot answer. The message says which server, where and why (for logs and the CLI);
+    ``public`` says what failed without any server address, for HTTP clients."""
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or message
+
+
+class IndexUnavailable(Unavailable):
     """Milvus cannot answer (down, timed out, or no active version yet); the message says which."""
 
 
@@ -64,6 +74,13 @@ class Hit:
     id: str
     score: float
     model_version: str
+
+
+def id_filter(field: str, ids: Iterable[str]) -> str:
+    """``field in [...]`` matching exactly ``ids``. Each id is a JSON string, which Milvus parses as a Go
+    string literal, so quotes, backslashes and control characters stay data (pymilvus' get and delete
+    by ids paste ids between quotes unescaped: an id with a quote broke the expression)."""
+    return f"{field} in [{', '.join(json.dumps(str(id_), ensure_ascii=False) for id_ in ids)}]"
 
 
 def check_version(version: str) -> str:
@@ -113,7 +130,8 @@ class VectorIndex:
             yield
         except (MilvusException, grpc.RpcError) as exc:
             reason = getattr(exc, "message", None) or str(exc)
-            raise IndexUnavailable(f"Milvus at {self.settings.milvus_uri} failed to {what}: {reason.splitlines()[0]}") from None
+            raise IndexUnavailable(f"Milvus at {self.settings.milvus_uri} failed to {what}: {reason.splitlines()[0]}",
+                                   public=f"Milvus failed to {what}") from None
 
     def ping(self) -> None:
         """Raise IndexUnavailable unless Milvus answers a cheap call."""
@@ -242,7 +260,7 @@ class VectorIndex:
         if ids:
             name = self.collection(kind, version)
             with self._calls(f"delete from {name}"):
-                self.client.delete(name, ids=list(ids), timeout=self._timeout)
+                self.client.delete(name, filter=id_filter("id", ids), timeout=self._timeout)
 
     def flush(self, version: str) -> None:
         """Seal the version's growing segments so that the HNSW index covers them."""
@@ -296,8 +314,8 @@ class VectorIndex:
             return {}
         name = self.collection(kind, version)
         with self._calls(f"read {name}"):
-            rows = self.client.get(name, ids=list(ids), output_fields=["vector"], timeout=self._timeout,
-                                   consistency_level="Strong" if strong else self.settings.milvus_read_consistency)
+            rows = self.client.query(name, filter=id_filter("id", ids), output_fields=["vector"], timeout=self._timeout,
+                                     consistency_level="Strong" if strong else self.settings.milvus_read_consistency)
         return {row["id"]: np.asarray(row["vector"], dtype=np.float32) for row in rows}
 
     def get_user_vector(self, user_id: str, version: str | None = None) -> np.ndarray | None:
@@ -425,8 +443,8 @@ class VectorIndex:
         with self._calls(f"read {self._meta}"):
             if not self.client.has_collection(self._meta, timeout=self._timeout):
                 return None  # reads create nothing (`onetower versions` on an empty prefix stays empty)
-            rows = self.client.get(self._meta, ids=[key], output_fields=["value"], consistency_level="Strong",
-                                   timeout=self._timeout)
+            rows = self.client.query(self._meta, filter=id_filter("key", [key]), output_fields=["value"],
+                                     consistency_level="Strong", timeout=self._timeout)
         return rows[0]["value"] if rows else None
 
     def _put_meta(self, key: str, value: dict[str, Any]) -> None:
@@ -438,7 +456,7 @@ class VectorIndex:
     def _delete_meta(self, key: str) -> None:
         self._ensure_meta()
         with self._calls(f"write {self._meta}"):
-            self.client.delete(self._meta, ids=[key], timeout=self._timeout)
+            self.client.delete(self._meta, filter=id_filter("key", [key]), timeout=self._timeout)
 
     def collect_garbage(self, grace_s: float, keep: Sequence[str] = ()) -> list[str]:
         """Drop every version but the active one, ``keep``, and the previous one while its grace period

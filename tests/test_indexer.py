@@ -3,8 +3,10 @@ Milvus Lite). Vectors are built with numpy here; the encoder paths are in test_i
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -183,9 +185,51 @@ def test_http_status_codes(srv: Settings) -> None:
 
     down = TestClient(create_app(srv.model_copy(update={"milvus_uri": "http://127.0.0.1:1"})))
     r = down.get("/v1/users/u/candidates")
-    assert r.status_code == 503 and "127.0.0.1:1" in r.json()["detail"]
+    assert r.status_code == 503 and r.json()["detail"] == "Milvus failed to connect"
     assert down.get("/readyz").status_code == 503
     assert down.get("/healthz").status_code == 200
+
+
+ODD_IDS = ["9'33", 'say "hi"', "back\\slash", "all'\"\\", "trailing\\", "line\nbreak"]
+
+
+def test_ids_with_quotes_and_backslashes_are_data(srv: Settings) -> None:
+    """pymilvus' get and delete by ids paste ids between quotes: ``9'33`` broke the expression (503)."""
+    index = VectorIndex(srv)
+    build(index, ("v1",))
+    index.activate("v1")
+    index.upsert_users("v1", ODD_IDS, np.stack([basis(0)] * len(ODD_IDS)))
+    index.upsert_items("v1", ODD_IDS, np.stack([basis(30 + i) for i in range(len(ODD_IDS))]))
+    assert sorted(index.get_vectors("users", "v1", ODD_IDS, strong=True)) == sorted(ODD_IDS)
+    assert index.get_vectors("users", "v1", ["9'", "'"], strong=True) == {}
+
+    client = TestClient(create_app(srv))
+    for user in ODD_IDS:
+        r = client.get(f"/v1/users/{quote(user, safe='')}/candidates", params={"k": 1})
+        assert r.status_code == 200 and r.json()["items"][0]["item_id"] == "x0", r.text
+    stranger = "no'one\\"
+    r = client.get(f"/v1/users/{quote(stranger, safe='')}/candidates")
+    assert r.status_code == 404 and "127.0.0.1" not in r.text and "http://" not in r.text
+
+    index.delete_users("v1", ODD_IDS[:3])
+    index.delete_items("v1", ODD_IDS)
+    assert sorted(index.get_vectors("users", "v1", ODD_IDS, strong=True)) == sorted(ODD_IDS[3:])
+    assert index.count("items", "v1") == len(ITEMS)
+
+
+def test_error_bodies_name_no_server_address(srv: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """Clients learn what failed; the addresses go to the server's log only."""
+    index = VectorIndex(srv)
+    build(index, ("v1",))
+    index.activate("v1")
+    no_redis = TestClient(create_app(srv.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})))
+    no_milvus = TestClient(create_app(srv.model_copy(update={"milvus_uri": "http://127.0.0.1:1"})))
+    with caplog.at_level(logging.WARNING, logger="onetower.api"):
+        answers = [no_redis.get("/readyz"), no_redis.get("/v1/users/ghost/candidates"),
+                   no_milvus.get("/readyz"), no_milvus.get("/v1/users/u/candidates")]
+    assert [r.status_code for r in answers] == [503] * 4
+    assert [r.json()["detail"] for r in answers] == ["Redis failed to answer"] * 2 + ["Milvus failed to connect"] * 2
+    assert "redis://127.0.0.1:1/0" in caplog.text and "http://127.0.0.1:1" in caplog.text
 
 
 def test_milvus_lite(srv: Settings, tmp_path: Path) -> None:
