@@ -1,22 +1,31 @@
-"""Event commands: ``onetower topics``, ``produce``, ``dataset movielens``, ``replay``, ``worker``."""
+"""Event commands: ``onetower topics``, ``produce``, ``dataset movielens``, ``replay``, ``worker``,
+``dlq list | replay``, ``quarantine list | retry``."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
+import redis
 import typer
 from rich.table import Table
 
 from onetower.cli_common import console, fail
 from onetower.settings import get_settings
-from streams.events import InvalidEvent, event_type, parse_event
-from streams.topics import KafkaUnavailable, ensure_topics
+from streams.events import EVENT_TYPES, DeadLetter, InvalidEvent, event_type, parse_event
+from streams.topics import KafkaUnavailable, dead_letters, ensure_topics
+
+if TYPE_CHECKING:
+    from streams.state import StateStore
 
 app = typer.Typer()
 dataset_app = typer.Typer(no_args_is_help=True, help="Convert public data sets into onetower events.")
 app.add_typer(dataset_app, name="dataset")
+dlq_app = typer.Typer(no_args_is_help=True, help="Records the stream workers could not process: list, replay after a fix.")
+app.add_typer(dlq_app, name="dlq")
+quarantine_app = typer.Typer(no_args_is_help=True, help="Users and items whose re-encoding failed on their data.")
+app.add_typer(quarantine_app, name="quarantine")
 
 
 @app.command()
@@ -146,3 +155,84 @@ def worker(
         run_worker(settings, refresher, loglevel=loglevel)
     except KafkaUnavailable as exc:
         raise fail(str(exc)) from None
+
+
+@dlq_app.command("list")
+def dlq_list(kind: Optional[str] = typer.Option(None, help="only records from this topic kind (items, users, ...)")) -> None:
+    """Dead letters, oldest first per partition: where the record came from and why it failed."""
+    settings = get_settings()
+    table = Table("source topic", "partition", "offset", "key", "reason", "dead-lettered at")
+    try:
+        for letter in _letters(kind):
+            table.add_row(letter.source_topic, str(letter.partition), str(letter.offset), letter.key or "", letter.error,
+                          letter.ts.isoformat(timespec="seconds"))
+    except KafkaUnavailable as exc:
+        raise fail(str(exc)) from None
+    console.print(table)
+    console.print(f"{table.row_count} dead letter(s) in {settings.topic('dlq')}")
+
+
+@dlq_app.command("replay")
+def dlq_replay(kind: Optional[str] = typer.Option(None, help="only records from this topic kind (items, users, ...)")) -> None:
+    """Send dead letters back to their source topics, after a fix. Idempotent: each record carries its
+    original coordinates, which give a record without event id the same id every time."""
+    from streams.producer import EventProducer
+
+    sent = skipped = 0
+    try:
+        with EventProducer(get_settings()) as producer:
+            for letter in _letters(kind):
+                if letter.raw is None:
+                    skipped += 1
+                    continue
+                producer.replay(letter)
+                sent += 1
+    except KafkaUnavailable as exc:
+        raise fail(str(exc)) from None
+    console.print(f"replayed {sent} record(s)" + (f"; skipped {skipped} without a value (tombstones, or too large to keep)"
+                                                  if skipped else ""))
+
+
+def _letters(kind: Optional[str]) -> Iterator[DeadLetter]:
+    """The DLQ's letters, those of ``kind``'s topic only when given."""
+    settings = get_settings()
+    if kind is not None and kind not in EVENT_TYPES:
+        raise fail(f"unknown kind {kind!r}; expected one of {', '.join(EVENT_TYPES)}")
+    topic = None if kind is None else settings.topic(kind)
+    return (letter for letter in dead_letters(settings) if topic is None or letter.source_topic == topic)
+
+
+@quarantine_app.command("list")
+def quarantine_list() -> None:
+    """Quarantined users and items, with the reason their re-encoding failed."""
+    store = _store()
+    table = Table("kind", "id", "reason")
+    try:
+        for kind in ("items", "users"):
+            for entity, reason in sorted(store.quarantined(kind).items()):
+                table.add_row(kind, entity, reason)
+    except redis.RedisError as exc:
+        raise fail(f"Redis at {store.settings.redis_url} failed: {exc}") from None
+    console.print(table)
+
+
+@quarantine_app.command("retry")
+def quarantine_retry(
+    ids: Optional[list[str]] = typer.Argument(None, help="ids to retry (default: every quarantined one of the kinds)"),
+    kind: Optional[str] = typer.Option(None, help="items or users (default: both)"),
+) -> None:
+    """Queue quarantined entities for re-encoding again, after a fix; each leaves the list once it succeeds."""
+    if kind not in (None, "items", "users"):
+        raise fail(f"unknown kind {kind!r}; expected items or users")
+    store = _store()
+    try:
+        queued = {k: store.retry_quarantined(k, ids or None) for k in ((kind,) if kind else ("items", "users"))}
+    except redis.RedisError as exc:
+        raise fail(f"Redis at {store.settings.redis_url} failed: {exc}") from None
+    console.print(", ".join(f"{len(v)} {k}" for k, v in queued.items()) + " queued for re-encoding")
+
+
+def _store() -> "StateStore":
+    from streams.state import StateStore
+
+    return StateStore.from_settings(get_settings())

@@ -23,6 +23,9 @@ FRESHNESS = Histogram("onetower_freshness_seconds", "event time of the state a v
                                             300, 900, 3600, 86400, float("inf")))
 DIRTY = Gauge("onetower_dirty_entities", "entities waiting or leased for re-encoding", ["kind"])
 REDIS_ERRORS = Counter("onetower_redis_errors_total", "Redis calls that failed (and were retried)")
+QUARANTINED = Counter("onetower_quarantined_total", "entities set aside because their re-encoding failed on their data",
+                      ["kind"])
+REFRESH_ERRORS = Counter("onetower_refresh_errors_total", "refresher steps that failed unexpectedly (retried)")
 MILVUS_ERRORS = Counter("onetower_milvus_errors_total", "Milvus calls that failed (the batch is retried later)")
 
 

@@ -8,7 +8,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from onetower.settings import Settings
-from streams.events import Event
+from streams.events import ORIGIN_HEADER, DeadLetter, Event
 from streams.topics import KafkaUnavailable
 
 
@@ -33,9 +33,21 @@ class EventProducer:
 
     def send(self, event: Event) -> None:
         """Queue one event; it is confirmed by the next ``flush``."""
-        topic = self.settings.topic(event.kind)
+        self._send(self.settings.topic(event.kind), key=event.key.encode(), value=event.to_bytes(), timestamp_ms=event.ts_ms)
+
+    def replay(self, letter: DeadLetter) -> None:
+        """Queue a dead letter's record back to its source topic as it was received, with its original
+        coordinates in a header: a record without an event id keeps the id they give, so replaying it
+        twice applies it once. A letter without a value (a tombstone, or one too large to keep) cannot
+        be replayed: ValueError."""
+        if letter.raw is None:
+            raise ValueError(f"the dead letter of {letter.origin} kept no value")
+        self._send(letter.source_topic, key=None if letter.key is None else letter.key.encode(), value=letter.raw,
+                   headers=[(ORIGIN_HEADER, letter.origin.header())])
+
+    def _send(self, topic: str, **record: object) -> None:
         try:
-            future = self._producer.send(topic, key=event.key.encode(), value=event.to_bytes(), timestamp_ms=event.ts_ms)
+            future = self._producer.send(topic, **record)
         except KafkaError as exc:
             raise KafkaUnavailable(f"could not send to {topic} at {self.settings.kafka_bootstrap}: {exc}") from None
         self._pending.append(future)

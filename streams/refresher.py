@@ -4,6 +4,10 @@ A micro-batch is bounded by ``refresh_batch`` entities and waits ``refresh_debou
 entity's first change, so a burst of events on one user costs one encode. Dirty marks are leased on
 pop and acknowledged only after Milvus took the vectors: a worker that dies mid-batch leaves its
 entities to come back when the lease ends, so every dirty entity gets its vector.
+
+A micro-batch that fails on its data (not on Redis or Milvus being unavailable) is bisected: the good
+entities are still refreshed, and each one that fails on its own is quarantined with the reason
+(``onetower quarantine list | retry``). Nothing a refresh raises stops the worker.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class Refresher:
             for kind in ("items", "users"):
                 ids = self.store.pop_dirty(kind, self.settings.refresh_batch, settled)
                 if ids:
-                    done += self.refresh(kind, ids)
+                    done += self.refresh_isolating(kind, ids)
                 metrics.DIRTY.labels(kind).set(self.store.dirty_count(kind))
             return done
         except redis.RedisError as exc:
@@ -72,8 +76,28 @@ class Refresher:
         except IndexUnavailable as exc:
             metrics.MILVUS_ERRORS.inc()
             log.warning("milvus call failed; the batch returns when its lease ends", extra={"error": str(exc)})
+        except Exception:  # a bug outside any one entity's refresh: log it, keep the worker alive, retry
+            metrics.REFRESH_ERRORS.inc()
+            log.exception("refresh step failed; retrying")
         time.sleep(ERROR_BACKOFF_S)
         return 0
+
+    def refresh_isolating(self, kind: Kind, ids: Sequence[str]) -> int:
+        """``refresh``, bisecting a batch that fails on its data so that one bad entity costs only
+        itself (quarantined with the reason) and about log2(len(ids)) extra batches."""
+        try:
+            return self.refresh(kind, ids)
+        except (redis.RedisError, IndexUnavailable):
+            raise
+        except Exception as exc:
+            if len(ids) > 1:
+                mid = len(ids) // 2
+                return self.refresh_isolating(kind, ids[:mid]) + self.refresh_isolating(kind, ids[mid:])
+            reason = f"{type(exc).__name__}: {exc}"
+            self.store.quarantine(kind, {ids[0]: reason})
+            metrics.QUARANTINED.labels(kind).inc()
+            log.warning("quarantined", extra={"kind": kind, "id": ids[0], "reason": reason})
+            return 1
 
     def _maintain_tables(self) -> None:
         if self.store.claim_percentile_refresh(self.settings.percentile_refresh_s):

@@ -28,6 +28,8 @@ Layout (``P`` = ``settings.redis_key_prefix``; every key ends in a type suffix, 
 ``P dirty:items:counts``  zset  items whose percentile bucket moved, the same (popped only after
                                ``dirty:items``: a new item never waits behind a wave of bucket moves)
 ``P inflight:<kind>``  zset    entities popped for re-encoding -> lease deadline (wall-clock ms)
+``P quarantine:<kind>``  hash  entities whose re-encoding failed on their own data -> the reason
+                               (out of the queues until retried or changed again)
 ``P counted``          zset    items whose counters changed since their buckets were checked -> ``n``
 ``P pct``              hash    counter name -> PercentileTable JSON
 ``P pct:due``          string  set (with a TTL of the refit interval) by the worker that refits
@@ -441,9 +443,34 @@ class StateStore:
         return [x.decode() for x in out]
 
     def ack_dirty(self, kind: Kind, ids: Sequence[str]) -> None:
-        """The vectors of ``ids`` are upserted: end their leases. A change made meanwhile re-queued them."""
+        """The vectors of ``ids`` are upserted: end their leases (and any quarantine: they are fine
+        now). A change made meanwhile re-queued them."""
         if ids:
-            self.r.zrem(self._q(f"inflight:{kind}"), *ids)
+            pipe = self.r.pipeline(transaction=True)
+            pipe.zrem(self._q(f"inflight:{kind}"), *ids)
+            pipe.hdel(self._q(f"quarantine:{kind}"), *ids)
+            pipe.execute()
+
+    def quarantine(self, kind: Kind, reasons: Mapping[str, str]) -> None:
+        """Set aside entities whose re-encoding failed on their own data, with the reason, ending
+        their leases: they stop failing every batch they are in. A new event queues one again."""
+        if reasons:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(self._q(f"quarantine:{kind}"), mapping=dict(reasons))
+            pipe.zrem(self._q(f"inflight:{kind}"), *reasons)
+            pipe.execute()
+
+    def quarantined(self, kind: Kind) -> dict[str, str]:
+        """Quarantined entities of ``kind`` -> the reason their re-encoding failed."""
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(self._q(f"quarantine:{kind}")).items()}
+
+    def retry_quarantined(self, kind: Kind, ids: Sequence[str] | None = None) -> list[str]:
+        """Queue quarantined entities (all of ``kind`` when ``ids`` is None) for re-encoding again,
+        after a fix; they stay listed until a refresh succeeds. Returns the ids queued."""
+        held = self.quarantined(kind)
+        queued = list(held) if ids is None else [i for i in ids if i in held]
+        self.mark_dirty(kind, {i: _now_ms() for i in queued})
+        return queued
 
     def dirty_count(self, kind: Kind) -> int:
         """Entities waiting or leased for re-encoding (zero = the vectors reflect all applied events)."""

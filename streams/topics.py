@@ -1,12 +1,17 @@
-"""Topic creation from settings (kafka-python admin): compacted entity topics, retained event topics."""
+"""Topic creation from settings (kafka-python admin): compacted entity topics, retained event topics;
+reading the dead-letter topic."""
 
 from __future__ import annotations
 
-from kafka import KafkaAdminClient
+from typing import Iterator
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from pydantic import ValidationError
 
 from onetower.settings import Settings
+from streams.events import DeadLetter
 
 COMPACTED = ("items", "users")
 
@@ -61,3 +66,29 @@ def delete_topics(settings: Settings) -> list[str]:
         return doomed
     finally:
         admin.close()
+
+
+def dead_letters(settings: Settings, poll_ms: int = 1000) -> Iterator[DeadLetter]:
+    """Every dead letter, read without a consumer group to the DLQ's end offsets (partition by
+    partition, oldest first); a record that is not a dead letter is skipped."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None,
+                             client_id="onetower-dlq")
+    try:
+        topic = settings.topic("dlq")
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            return
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            for records in consumer.poll(timeout_ms=poll_ms).values():
+                for record in records:
+                    try:
+                        yield DeadLetter.model_validate_json(record.value)
+                    except ValidationError:
+                        continue
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"reading the DLQ from {settings.kafka_bootstrap} failed: {exc}") from None
+    finally:
+        consumer.close()

@@ -92,7 +92,8 @@ class EventApplier:
                     metrics.EVENTS.labels(kind, "applied" if res else "duplicate").inc()
         for rec, reason in dead:
             msg = rec.message
-            letter = DeadLetter.of(msg.topic, msg.partition, msg.offset, msg.key, msg.value, reason)
+            # A replayed record that fails again keeps its original coordinates: they give its id.
+            letter = DeadLetter.of(*origin(msg), msg.key, msg.value, reason)
             await self.send_dlq(msg.key, letter.to_bytes())
             metrics.EVENTS.labels(kind, "invalid").inc()
             metrics.DLQ.labels(kind).inc()

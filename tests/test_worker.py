@@ -69,19 +69,31 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "artifact"
 
 
+def onetower_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives an ``onetower`` subprocess these settings."""
+    return {**os.environ, "ONETOWER_TOPIC_PREFIX": settings.topic_prefix, "ONETOWER_REDIS_KEY_PREFIX": settings.redis_key_prefix,
+            "ONETOWER_MILVUS_PREFIX": settings.milvus_prefix, "ONETOWER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "ONETOWER_REDIS_URL": settings.redis_url, "ONETOWER_MILVUS_URI": settings.milvus_uri,
+            "ONETOWER_WORKER_METRICS_PORT": "0", "ONETOWER_REFRESH_LEASE_S": str(settings.refresh_lease_s),
+            "ONETOWER_REFRESH_DEBOUNCE_S": str(settings.refresh_debounce_s),
+            "ONETOWER_TOPIC_PARTITIONS": str(settings.topic_partitions), "COLUMNS": "400"}
+
+
+def onetower(settings: Settings, *args: str) -> str:
+    """Run an ``onetower`` command with these settings; returns its output (fails the test if it fails)."""
+    done = subprocess.run([sys.executable, "-c", "from onetower.cli import app; app()", *args], env=onetower_env(settings),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 class Worker:
     """One ``onetower worker`` subprocess with its log and its metrics endpoint."""
 
     def __init__(self, settings: Settings, model: Path, log: Path) -> None:
-        env = {**os.environ, "ONETOWER_TOPIC_PREFIX": settings.topic_prefix, "ONETOWER_REDIS_KEY_PREFIX": settings.redis_key_prefix,
-               "ONETOWER_MILVUS_PREFIX": settings.milvus_prefix, "ONETOWER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-               "ONETOWER_REDIS_URL": settings.redis_url, "ONETOWER_MILVUS_URI": settings.milvus_uri,
-               "ONETOWER_WORKER_METRICS_PORT": "0", "ONETOWER_REFRESH_LEASE_S": str(settings.refresh_lease_s),
-               "ONETOWER_REFRESH_DEBOUNCE_S": str(settings.refresh_debounce_s),
-               "ONETOWER_TOPIC_PARTITIONS": str(settings.topic_partitions)}
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-c", "from onetower.cli import app; app()", "worker", "--model", str(model)],
-                                     stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
+                                     stdout=log.open("ab"), stderr=subprocess.STDOUT, env=onetower_env(settings))
         self.port = poll(f"worker metrics port in {log}", self._port, timeout=120)
 
     def _port(self) -> int | None:
@@ -347,9 +359,53 @@ def test_every_hostile_record_goes_to_the_dlq_with_its_reason_and_the_worker_kee
          and [h.item_id for h in store.users(["u0"])[0].history] == [ev.item_id for ev in valid])
     poll("the item after the poisoned ones applied", lambda: store.items(["m1"])[0] is not None and store.items(["m1"])[0].features)
     letters = dead_letters(wsettings, len(hostile))
-    assert len(letters) == len(hostile)
     for reason, (topic, _, value) in hostile.items():
         (letter,) = [x for x in letters if reason in x.error]
         assert letter.source_topic == topic and letter.raw == value
     assert w.proc.poll() is None
     assert w.events("invalid") == len(hostile)
+
+
+def test_a_poisoned_item_is_quarantined_while_the_rest_of_its_batch_is_refreshed(
+        wsettings: Settings, workers: Callable[[], Worker]) -> None:
+    store, index = StateStore.from_settings(wsettings), VectorIndex(wsettings)
+    good = [f"m{i}" for i in range(6)]
+    store.apply_many([ItemEvent(item_id=i, features={"title": f"Movie {i}"}, ts=now(-60)) for i in good + ["bad"]])
+    store.r.hset(store._i("bad", "f"), "year", "NaN")  # stored before validation rejected NaN: rendering fails on it
+    w = workers()  # the seven dirty items are one micro-batch
+    poll("the good items' vectors", lambda: index.has_version("tiny_streams")
+         and set(index.get_vectors("items", "tiny_streams", good, strong=True)) == set(good))
+    poll("the poisoned item in quarantine", lambda: "bad" in store.quarantined("items"))
+    assert "RenderError" in store.quarantined("items")["bad"] and "year" in store.quarantined("items")["bad"]
+    poll("the quarantine counted", lambda: w.metrics().get(("onetower_quarantined_total", (("kind", "items"),))) == 1)
+    listed = onetower(wsettings, "quarantine", "list")
+    assert "bad" in listed and "RenderError" in listed
+    assert store.dirty_count("items") == 0 and not index.get_vectors("items", "tiny_streams", ["bad"], strong=True)
+
+    store.r.hset(store._i("bad", "f"), "year", "1995")  # the fix
+    assert "1 items" in onetower(wsettings, "quarantine", "retry", "--kind", "items")
+    poll("the fixed item's vector", lambda: index.get_vectors("items", "tiny_streams", ["bad"], strong=True))
+    poll("the quarantine to empty", lambda: not store.quarantined("items"))
+    assert w.proc.poll() is None
+
+
+def test_dead_letters_are_listed_and_replayed_once_after_a_fix(wsettings: Settings, workers: Callable[[], Worker]) -> None:
+    store = StateStore.from_settings(wsettings)
+    store.r.set(store._u("broken", "h"), "not a history")  # the engagement fails on this user's state until the fix
+    w = workers()
+    raw = KafkaProducer(bootstrap_servers=wsettings.kafka_bootstrap, acks="all")
+    value = json.dumps({"user_id": "broken", "item_id": "m0", "ts": now(-5).isoformat()}).encode()  # no event id
+    raw.send(wsettings.topic("engagements"), key=b"broken", value=value)
+    raw.flush()
+    raw.close()
+    (letter,) = dead_letters(wsettings, 1)
+    listed = onetower(wsettings, "dlq", "list")
+    assert f"{letter.source_topic} " in listed and f" {letter.offset} " in listed and "REJECTED WRONGTYPE" in listed
+
+    store.r.delete(store._u("broken", "h"))  # the fix
+    assert "replayed 1 record" in onetower(wsettings, "dlq", "replay")
+    assert "replayed 1 record" in onetower(wsettings, "dlq", "replay", "--kind", "engagements")
+    poll("the second replay seen as a duplicate", lambda: w.events("duplicate") >= 1)
+    assert [h.item_id for h in store.users(["broken"])[0].history] == ["m0"]
+    assert sum(int(n) for n in store.r.hvals(store._i("m0", "c:engagements"))) == 1  # counted once
+    assert w.events("applied") == 1
