@@ -82,8 +82,10 @@ class Origin(NamedTuple):
         return f"{self.topic}:{self.partition}:{self.offset}".encode()
 
     @classmethod
-    def from_header(cls, value: bytes) -> Origin | None:
+    def from_header(cls, value: bytes | None) -> Origin | None:
         """The header's coordinates; None when it is malformed (the record's own are used then)."""
+        if not isinstance(value, bytes):  # Kafka header values may be null
+            return None
         try:
             topic, partition, offset = value.decode().rsplit(":", 2)
             return cls(topic, int(partition), int(offset))

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from streams.events import (EVENT_TYPES, ID_PATTERN, DeadLetter, EngagementEvent, InvalidEvent, ItemEvent, Origin,
-                            parse_event)
+from streams.events import (EVENT_TYPES, ID_PATTERN, MAX_DEAD_RAW_BYTES, DeadLetter, EngagementEvent, InvalidEvent,
+                            ItemEvent, Origin, parse_event)
 
 
 def test_item_event_round_trip() -> None:
@@ -142,3 +142,15 @@ def test_arbitrary_bytes_parse_or_are_invalid(kind: str, raw: bytes) -> None:
 def test_arbitrary_json_parses_or_is_invalid(case: tuple[str, object]) -> None:
     kind, value = case
     _parses_or_rejects(kind, json.dumps(value).encode())
+
+
+@pytest.mark.parametrize("value", [b"p.engagements:2:7", b"p:x.engagements:2:7", b"nonsense", b"a:b:c", b"\xff:1:2", None])
+def test_an_origin_header_reads_back_or_is_ignored(value: bytes | None) -> None:
+    found = Origin.from_header(value)
+    assert found is None or found.header() == value
+
+
+def test_a_dead_letter_keeps_no_value_it_could_not_fit_in_a_kafka_message() -> None:
+    assert DeadLetter.of("p.items", 0, 1, b"i1", None, "tombstone").raw is None
+    huge = DeadLetter.of("p.items", 0, 1, b"i1", b"x" * (MAX_DEAD_RAW_BYTES + 1), "too big")
+    assert huge.raw is None and "not kept" in huge.error and huge.origin == Origin("p.items", 0, 1)
