@@ -36,3 +36,76 @@ def test_bad_config_is_one_clear_error(tmp_path):
 
     result = CliRunner().invoke(app, ["train", "--hard-negatives", "9"])
     assert result.exit_code == 1 and "hard_negatives" in result.output
+
+
+# ---------------------------------------------------------------- nothing from the future reaches an example
+
+from datetime import datetime, timedelta, timezone  # noqa: E402
+
+from streams.events import EngagementEvent, ImpressionEvent, ItemEvent  # noqa: E402
+from training.dataset import DatasetOptions, build_examples  # noqa: E402
+from training.evaluate import EvalSet, popularity_scores  # noqa: E402
+
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+
+def at(minutes: int) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def items(*ids: str) -> list:
+    return [ItemEvent(item_id=i, ts=T0, features={"title": f"Movie {i}"}) for i in ids]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from models.tower import minilm_dir
+
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+def only_example(events: list, tokenizer, user: str, item: str) -> dict:
+    data = build_examples(events, DatasetOptions(hard_negatives=1, counts_mode="raw", val_fraction=0.0, test_fraction=0.2), tokenizer)
+    rows = [r for s in data.splits.values() for r in s.to_pylist() if r["user_id"] == user and r["item_id"] == item]
+    assert len(rows) == 1
+    return rows[0]
+
+
+def test_a_hard_negative_shown_only_after_t_is_not_used(tokenizer):
+    events = items("a", "b", "c", "d") + [
+        ImpressionEvent(user_id="u", item_id="d", ts=at(1)),  # shown before t, skipped: a fair hard negative
+        ImpressionEvent(user_id="u", item_id="a", ts=at(10)),
+        EngagementEvent(user_id="u", item_id="a", ts=at(10), kind_="like"),
+        ImpressionEvent(user_id="u", item_id="c", ts=at(11)),  # shown after t, nearer to t than d
+        EngagementEvent(user_id="x", item_id="b", ts=at(20), kind_="like"),
+    ]
+    row = only_example(events, tokenizer, "u", "a")
+    assert row["negative_ids"] == ["d"] and row["n_hard"] == 1
+
+
+def test_a_random_negative_may_be_an_item_engaged_only_after_t(tokenizer):
+    events = items("a", "b") + [
+        EngagementEvent(user_id="u", item_id="a", ts=at(10), kind_="like"),
+        ItemEvent(item_id="d", ts=at(20), features={"title": "Movie d"}),  # not in the catalogue at t
+        EngagementEvent(user_id="u", item_id="b", ts=at(30), kind_="like"),  # the future: unknown at t
+    ]
+    row = only_example(events, tokenizer, "u", "a")
+    assert row["n_hard"] == 0 and row["negative_ids"] == ["b"]
+
+
+def test_baselines_see_every_window_before_the_scored_one_and_exclude_what_serving_excludes(tokenizer):
+    events = items("a", "b", "c") + [EngagementEvent(user_id=f"u{n}", item_id="a", ts=at(1 + n), kind_="like") for n in range(6)]
+    events += [EngagementEvent(user_id="u0", item_id="b", ts=at(10 + n), kind_="like") for n in range(1)]
+    events += [EngagementEvent(user_id=f"v{n}", item_id="c", ts=at(20 + n), kind_="like") for n in range(3)]  # val window
+    events += [ImpressionEvent(user_id="u0", item_id="c", ts=at(25)),  # shown, not engaged by u0: stays rankable
+               EngagementEvent(user_id="u0", item_id="c", ts=at(40), kind_="like")]  # the one test query
+    data = build_examples(events, DatasetOptions(hard_negatives=0, counts_mode="raw", val_fraction=0.25, test_fraction=0.05), tokenizer)
+    assert data.splits["test"].num_rows == 1 and data.splits["val"].num_rows == 3
+    ev = EvalSet.from_dataset(data, "test")
+    pop = popularity_scores(data, ev)
+    assert dict(zip(ev.catalogue_ids, pop[0])) == {"a": 6.0, "b": 1.0, "c": 3.0}  # val's three engagements of c count
+    assert [ev.catalogue_ids[i] for i in ev.history[0]] == ["a", "b"]  # excluded for every method, as serving does
+    assert ev.score_metrics(pop)["overall"]["recall@10"] == 1.0  # a and b excluded: c ranks first
+    assert not ev.slices["cold items"][0]  # c was engaged before the test window

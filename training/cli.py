@@ -49,6 +49,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="examples per device and step (in-batch negatives)"),
     learning_rate: Optional[float] = typer.Option(None),
     temperature: Optional[float] = typer.Option(None, help="InfoNCE temperature (scale = 1/temperature)"),
+    logq: Optional[bool] = typer.Option(None, "--logq/--no-logq", help="sampling-bias correction of in-batch negatives (default on)"),
     cached_mnrl: Optional[bool] = typer.Option(None, "--cached-mnrl/--no-cached-mnrl", help="gradient-cached InfoNCE for large batches"),
     lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", help="LoRA adapters instead of full fine-tuning"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
@@ -60,12 +61,13 @@ def train(
     export: Optional[bool] = typer.Option(None, "--export/--no-export", help="write the models/ artifact at the end"),
     version: Optional[str] = typer.Option(None, help="artifact version"),
     prepare_only: bool = typer.Option(False, "--prepare-only", help="build (or find) the dataset, print its size, stop"),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="train on a prepared dataset directory instead of reading the topics"),
 ) -> None:
     """Fine-tune the shared tower on point-in-time examples from the Kafka topics (torchrun-compatible)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "prepare_only")}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "prepare_only", "dataset")}
     cfg = _config(config, overrides)
-    from training.dataset import load_or_build
+    from training.dataset import load_or_build, load_prepared
     from training.train import train as do_train
 
     try:
@@ -77,7 +79,7 @@ def train(
             console.print(table)
             console.print(f"cached in {data.directory}")
             return
-        out = do_train(cfg, get_settings())
+        out = do_train(cfg, get_settings(), data=load_prepared(dataset) if dataset else None)
     except _errors() as exc:
         raise fail(str(exc)) from None
     console.print(f"trained model in {out / 'model'}; curves in {out / 'curves.png'}")

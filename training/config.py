@@ -47,7 +47,8 @@ class TrainConfig(BaseModel):
     # loss
     temperature: float = Field(default=0.05, gt=0.0, le=1.0, description="InfoNCE temperature; the loss scale is 1/temperature")
     matryoshka_widths: list[int] = Field(default=[64, 128, 256, 512], description="the full width is always added")
-    cached_mnrl: bool = Field(default=False, description="CachedMultipleNegativesRankingLoss: large batches in small memory")
+    logq: bool = Field(default=True, description="subtract log(sampling frequency) from in-batch logits (Yi et al. 2019)")
+    cached_mnrl: bool = Field(default=False, description="CachedMultipleNegativesRankingLoss: large batches in small memory, no logQ")
     mini_batch_size: int = Field(default=32, ge=1, description="cached loss: examples per forward pass")
 
     # optimisation
@@ -61,6 +62,7 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     seed: int = 0
     torch_threads: int | None = Field(default=None, ge=1)
+    dataloader_workers: int = Field(default=0, ge=0, description="processes that tokenise batches ahead of the GPU")
 
     # bookkeeping
     output_dir: Path = Path("runs/onetower")
@@ -79,6 +81,8 @@ class TrainConfig(BaseModel):
         bad = [w for w in self.matryoshka_widths if not 0 < w <= self.dim]
         if bad:
             raise ValueError(f"matryoshka_widths {bad} must lie in 1..dim ({self.dim})")
+        if self.cached_mnrl and self.logq:
+            raise ValueError("cached_mnrl has no logQ correction: pass logq: false with it")
         if self.cached_mnrl and self.mini_batch_size > self.batch_size:
             raise ValueError("mini_batch_size must not exceed batch_size")
         self.dataset_options()  # fail now on bad data options, not after loading a model

@@ -4,8 +4,11 @@ For every engagement at event time t the example holds what serving would have k
 the user's profile and positives strictly before t, and the engaged item with its popularity
 counters as of t (``streams.counters``, the windows the Redis counters use) written as percentile
 buckets fitted over the whole catalogue's counters at t. Events are applied in groups of equal
-timestamps *after* the group's examples are emitted, so nothing at or after t reaches an example.
-Hard negatives are items the user was shown but never engaged with, the ones nearest to t first.
+timestamps *after* the group's examples are emitted, so nothing at or after t reaches an example,
+its negatives included: hard negatives are items shown to the user before t and not engaged before
+t, the most recent first; random negatives (when too few were shown) are catalogue items the user
+had not engaged with before t. Each example also carries ``logq``, the log of its positive's share
+of the training window's engagements, for the sampling-bias correction of in-batch negatives.
 
 The result is split by time (train < validation < test) and cached as parquet under a fingerprint
 of the topics, their offsets and the options, so a rebuild happens only when the data or the recipe
@@ -14,7 +17,6 @@ changed.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
@@ -42,7 +44,7 @@ from streams.topics import KafkaUnavailable
 
 log = logging.getLogger(__name__)
 
-DATASET_FORMAT_VERSION = "1"  # bump when the example recipe below changes: old caches are then ignored
+DATASET_FORMAT_VERSION = "2"  # bump when the example recipe below changes: old caches are then ignored
 TOPIC_KINDS = ("items", "users", "impressions", "engagements")  # equal timestamps are applied in this order
 SPLITS = ("train", "val", "test")
 STALL_S = 60  # seconds without a record, while partitions are short of their end offsets, before giving up
@@ -188,7 +190,7 @@ class _State:
         self.items: dict[str, dict] = {}
         self.profiles: dict[str, dict] = {}
         self.history: dict[str, list[tuple[int, str]]] = defaultdict(list)  # user -> [(ts, item)] in time order
-        self.shown: dict[str, set[str]] = defaultdict(set)  # user -> items impressed so far
+        self.shown: dict[str, list[tuple[int, str]]] = defaultdict(list)  # user -> [(ts, item)] impressions in time order
         self.counters = PointInTimeCounters()
         self.tables: dict[str, PercentileTable] = {}
         self.table_hour: int | None = None
@@ -203,7 +205,7 @@ class _State:
             self.profiles[event.user_id] = dict(event.features)
         elif isinstance(event, ImpressionEvent):
             self.counters.add("impressions", event.item_id, event.ts_ms)
-            self.shown[event.user_id].add(event.item_id)
+            self.shown[event.user_id].append((event.ts_ms, event.item_id))
         elif isinstance(event, EngagementEvent):
             self.counters.add("engagements", event.item_id, event.ts_ms)
             self.history[event.user_id].append((event.ts_ms, event.item_id))
@@ -225,19 +227,12 @@ class _State:
         return render_item(self.items[item_id], counts, counts_mode=self.options.counts_mode)
 
 
-def _nearest_negatives(shown: list[tuple[int, str]], t: int, k: int, exclude: set[str]) -> list[str]:
-    """Up to ``k`` distinct items from ``shown`` (time-ordered impressions) nearest to ``t``."""
-    times = [ts for ts, _ in shown]
-    right = bisect.bisect_left(times, t)
-    left = right - 1
+def _recent_negatives(shown: list[tuple[int, str]], k: int, exclude: set[str]) -> list[str]:
+    """Up to ``k`` distinct items from ``shown`` (impressions before t, time-ordered), the most recent first."""
     out: list[str] = []
-    while len(out) < k and (left >= 0 or right < len(shown)):
-        take_left = right >= len(shown) or (left >= 0 and t - times[left] <= times[right] - t)
-        _, item = shown[left] if take_left else shown[right]
-        if take_left:
-            left -= 1
-        else:
-            right += 1
+    for _, item in reversed(shown):
+        if len(out) == k:
+            break
         if item not in exclude and item not in out:
             out.append(item)
     return out
@@ -249,14 +244,6 @@ def build_examples(events: list[Event], options: DatasetOptions, tokenizer) -> P
     engagements = [e for e in events if isinstance(e, EngagementEvent)]
     if not engagements:
         raise DatasetError("no engagement events in the topics (or in the chosen time range): nothing to train on")
-    # Negatives are labels, not inputs: they may come from any time, as long as the user never engaged.
-    engaged: dict[str, set[str]] = defaultdict(set)
-    for e in engagements:
-        engaged[e.user_id].add(e.item_id)
-    not_engaged: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for e in events:
-        if isinstance(e, ImpressionEvent) and e.item_id not in engaged[e.user_id]:
-            not_engaged[e.user_id].append((e.ts_ms, e.item_id))
 
     times = np.array([e.ts_ms for e in engagements])
     t_val = int(np.quantile(times, 1.0 - options.val_fraction - options.test_fraction, method="inverted_cdf"))
@@ -288,11 +275,8 @@ def build_examples(events: list[Event], options: DatasetOptions, tokenizer) -> P
             if e.item_id not in state.items:
                 skipped += 1
                 continue
-            row = _example(e, state, options, tokenizer, not_engaged[e.user_id], engaged[e.user_id], rng)
             split = "test" if t >= t_test else "val" if t >= t_val else "train"
-            if split == "train":
-                row["exclude"] = []  # only ranking (validation, test) needs the already-shown items
-            rows[split].append(row)
+            rows[split].append(_example(e, state, options, tokenizer, rng))
         for e in events[i:j]:
             state.apply(e)
         i = j
@@ -306,6 +290,7 @@ def build_examples(events: list[Event], options: DatasetOptions, tokenizer) -> P
         log.warning("skipped %d engagements with items missing from the catalogue", skipped)
     if not rows["train"]:
         raise DatasetError("the time split left no training examples; lower val_fraction/test_fraction")
+    _add_logq(rows)
     meta = {"t_val_ms": t_val, "t_test_ms": t_test, "skipped": skipped,
             "train_range_ms": [rows["train"][0]["ts_ms"], rows["train"][-1]["ts_ms"]],
             "counts": {s: len(r) for s, r in rows.items()}}
@@ -316,33 +301,46 @@ def _id_order(item_id: str) -> tuple[int, str]:
     return (0, f"{int(item_id):020d}") if item_id.isdigit() else (1, item_id)
 
 
-def _example(e: EngagementEvent, state: _State, options: DatasetOptions, tokenizer,
-             candidates: list[tuple[int, str]], engaged: set[str], rng: np.random.Generator) -> dict:
+def _example(e: EngagementEvent, state: _State, options: DatasetOptions, tokenizer, rng: np.random.Generator) -> dict:
+    """One engagement as serving saw it just before t: the user text, the positive, negatives known before t."""
     t = e.ts_ms
     history = [item for _, item in state.history[e.user_id]]  # every entry is strictly before t
     features = [state.items[x] for x in history[-options.history_len:] if x in state.items]
     query = render_user(state.profiles.get(e.user_id, {}), features, tokenizer=tokenizer, max_tokens=options.max_seq_length)
-    live = [(ts, x) for ts, x in candidates if x in state.items]
-    negatives = _nearest_negatives(live, t, options.hard_negatives, {e.item_id})
+    engaged = set(history)
+    shown = [(ts, x) for ts, x in state.shown[e.user_id] if x in state.items]
+    negatives = _recent_negatives(shown, options.hard_negatives, engaged | {e.item_id})
     n_hard = len(negatives)
-    if n_hard < options.hard_negatives:  # too few shown-but-skipped items: random items the user never engaged with
+    if n_hard < options.hard_negatives:  # too few shown-but-skipped items: random items the user had not engaged with
         pool = [x for x in state.items if x not in engaged and x not in negatives and x != e.item_id]
         if len(pool) < options.hard_negatives - n_hard:
             raise DatasetError(f"the catalogue has too few items for {options.hard_negatives} negatives per example")
         negatives += [str(x) for x in rng.choice(pool, options.hard_negatives - n_hard, replace=False)]
     row = {"ts_ms": t, "user_id": e.user_id, "item_id": e.item_id, "query": query,
-           "positive": state.item_text(e.item_id, t), "history": history, "n_hard": n_hard,
-           "negative_ids": negatives, "exclude": sorted(state.shown[e.user_id] - {e.item_id})}
+           "positive": state.item_text(e.item_id, t), "history": history, "n_hard": n_hard, "negative_ids": negatives}
     for n, item in enumerate(negatives, 1):
         row[f"negative_{n}"] = state.item_text(item, t)
     return row
 
 
+def _add_logq(rows: dict[str, list[dict]]) -> None:
+    """``logq`` = log of the positive's share of training engagements, on every row (validation and test
+    rows reuse the training frequencies; items unseen in training get the rarest training item's)."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows["train"]:
+        counts[r["item_id"]] += 1
+    total = max(sum(counts.values()), 1)
+    floor = np.log(min(counts.values(), default=1) / total)
+    for split_rows in rows.values():
+        for r in split_rows:
+            r["logq"] = float(np.log(counts[r["item_id"]] / total)) if r["item_id"] in counts else float(floor)
+
+
 def _to_table(rows: list[dict], hard_negatives: int) -> pa.Table:
     names = ["ts_ms", "user_id", "item_id", "query", "positive", *(f"negative_{n}" for n in range(1, hard_negatives + 1)),
-             "n_hard", "negative_ids", "history", "exclude"]
+             "n_hard", "negative_ids", "history", "logq"]
     types = {"ts_ms": pa.int64(), "n_hard": pa.int32(), "negative_ids": pa.list_(pa.string()),
-             "history": pa.list_(pa.string()), "exclude": pa.list_(pa.string())}
+             "history": pa.list_(pa.string()), "logq": pa.float64()}
     return pa.table({n: pa.array([r[n] for r in rows], type=types.get(n, pa.string())) for n in names})
 
 
@@ -372,7 +370,7 @@ def load_or_build(settings: Settings, options: DatasetOptions, *, cache_dir: Pat
     digest = fingerprint(ranges, options)
     root = (cache_dir or settings.cache_dir / "datasets") / digest
     if (root / "meta.json").is_file():
-        return _load(root)
+        return load_prepared(root)
     events = list(read_events(settings, options, ranges))
     tokenizer = build_tower(options.base_model, max_seq_length=options.max_seq_length).tokenizer
     data = build_examples(events, options, tokenizer)
@@ -390,10 +388,14 @@ def load_or_build(settings: Settings, options: DatasetOptions, *, cache_dir: Pat
         shutil.rmtree(tmp)
     else:
         tmp.replace(root)
-    return _load(root)
+    return load_prepared(root)
 
 
-def _load(root: Path) -> PointInTimeDataset:
+def load_prepared(root: Path) -> PointInTimeDataset:
+    """A dataset directory written by ``load_or_build`` (``onetower train --prepare-only``), e.g. copied to a
+    GPU machine that cannot reach the topics."""
+    if not (Path(root) / "meta.json").is_file():
+        raise DatasetError(f"{root} is not a prepared dataset (no meta.json); make one with `onetower train --prepare-only`")
     meta = json.loads((root / "meta.json").read_text())
     meta["directory"] = str(root)
     return PointInTimeDataset({s: pq.read_table(root / f"{s}.parquet") for s in SPLITS},

@@ -3,9 +3,11 @@
 Every method (a tower at each Matryoshka width, popularity, ALS) is reduced to a score matrix
 (queries x catalogue); one ranking function turns it into metrics, so all rows are comparable.
 A query is one engagement of the evaluated window: the user as of t against the catalogue as the
-index held it at the window's start; items the user was shown before t are filtered out, as serving
-filters what a user has already seen. Cold slices: target items never engaged in training, users
-without a training example.
+index held it at the window's start. One exclusion rule for every method, the one serving applies
+(``exclude_seen``): items the user engaged with before t are filtered out. Baselines are fitted on
+everything before the scored window (train + validation when scoring test), which is what the
+tower's catalogue counters and user histories see too. Cold slices: target items never engaged
+before the window, users without an engagement before it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
 
 from models.tower import truncate
-from training.dataset import PointInTimeDataset
+from training.dataset import SPLITS, PointInTimeDataset
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,9 @@ class EvalSet:
     queries: list[str]
     catalogue_ids: list[str]
     catalogue_texts: list[str]
+    split: str  # the scored window; baselines fit on the windows before it
     target: np.ndarray  # index into the catalogue
-    exclude: list[np.ndarray]  # catalogue indices shown to the user before t
-    history: list[np.ndarray]  # catalogue indices of the user's positives before t (for ALS fold-in)
+    history: list[np.ndarray]  # catalogue indices of the user's positives before t: excluded, and ALS's fold-in
     user_ids: list[str]
     slices: dict[str, np.ndarray]  # slice name -> boolean mask over queries
     key: list[tuple[int, str, str]]  # (ts, user, item) per query: proves two variants hold the same queries
@@ -86,27 +88,26 @@ class EvalSet:
         if len(keep) == 0:
             raise ValueError(f"the {split} window has no engagement with a catalogue item to evaluate")
         rows = table.take(pa.array(keep)).to_pydict()
-        train = data.splits["train"]
-        train_users = set(train.column("user_id").to_pylist())
-        train_items = set(train.column("item_id").to_pylist())
+        before = _before(data, split)
+        seen_users = set(before.column("user_id").to_pylist())
+        seen_items = set(before.column("item_id").to_pylist())
 
         def idx(xs: list[str]) -> np.ndarray:
             return np.array([index[x] for x in xs if x in index], dtype=np.int64)
 
         return cls(
-            queries=rows["query"], catalogue_ids=ids, catalogue_texts=catalogue.column("text").to_pylist(),
+            queries=rows["query"], catalogue_ids=ids, catalogue_texts=catalogue.column("text").to_pylist(), split=split,
             target=np.array([index[x] for x in rows["item_id"]], dtype=np.int64),
-            exclude=[idx(x) for x in rows["exclude"]], history=[idx(x) for x in rows["history"]],
-            user_ids=rows["user_id"],
+            history=[idx(x) for x in rows["history"]], user_ids=rows["user_id"],
             slices={"overall": np.ones(len(keep), dtype=bool),
-                    "cold items": np.array([x not in train_items for x in rows["item_id"]]),
-                    "cold users": np.array([u not in train_users for u in rows["user_id"]])},
+                    "cold items": np.array([x not in seen_items for x in rows["item_id"]]),
+                    "cold users": np.array([u not in seen_users for u in rows["user_id"]])},
             key=list(zip(rows["ts_ms"], rows["user_id"], rows["item_id"])),
         )
 
     def score_metrics(self, scores: np.ndarray) -> dict[str, dict[str, float]]:
         """Metrics per slice of one score matrix."""
-        rank = ranks(scores, self.target, self.exclude)
+        rank = ranks(scores, self.target, self.history)
         return {name: metrics(rank[mask]) for name, mask in self.slices.items()}
 
 
@@ -123,11 +124,16 @@ def tower_scores(model: SentenceTransformer, ev: EvalSet, *, batch_size: int = 6
     return {w: truncate(q, w) @ truncate(c, w).T for w in widths_for(q.shape[1])}
 
 
-def _train_matrix(data: PointInTimeDataset, ev: EvalSet) -> tuple[csr_matrix, dict[str, int]]:
-    """Users x catalogue engagement counts of the training window."""
+def _before(data: PointInTimeDataset, split: str) -> pa.Table:
+    """The engagements of every window before ``split``: what a model scored on ``split`` may know."""
+    return pa.concat_tables([data.splits[s] for s in SPLITS[: SPLITS.index(split)]])
+
+
+def _fit_matrix(data: PointInTimeDataset, ev: EvalSet) -> tuple[csr_matrix, dict[str, int]]:
+    """Users x catalogue engagement counts of every window before the scored one."""
     index = {x: i for i, x in enumerate(ev.catalogue_ids)}
-    train = data.splits["train"]
-    pairs = [(u, index[i]) for u, i in zip(train.column("user_id").to_pylist(), train.column("item_id").to_pylist()) if i in index]
+    seen = _before(data, ev.split)
+    pairs = [(u, index[i]) for u, i in zip(seen.column("user_id").to_pylist(), seen.column("item_id").to_pylist()) if i in index]
     users = {u: n for n, u in enumerate(dict.fromkeys(u for u, _ in pairs))}
     rows = np.array([users[u] for u, _ in pairs])
     cols = np.array([i for _, i in pairs])
@@ -137,8 +143,8 @@ def _train_matrix(data: PointInTimeDataset, ev: EvalSet) -> tuple[csr_matrix, di
 
 
 def popularity_scores(data: PointInTimeDataset, ev: EvalSet) -> np.ndarray:
-    """Every query gets the catalogue ranked by engagements in the training window."""
-    matrix, _ = _train_matrix(data, ev)
+    """Every query gets the catalogue ranked by engagements before the scored window."""
+    matrix, _ = _fit_matrix(data, ev)
     return np.tile(np.asarray(matrix.sum(axis=0)).ravel(), (len(ev.queries), 1))
 
 
@@ -152,11 +158,11 @@ def _history_matrix(ev: EvalSet) -> csr_matrix:
 
 def als_scores(data: PointInTimeDataset, ev: EvalSet, *, factors: int = 64, regularization: float = 0.05,
                alpha: float = 1.0, iterations: int = 20, seed: int = 0) -> np.ndarray:
-    """ALS (``implicit``) fitted on training engagements; users are folded in from their positives
-    before t, so users without training data still get a vector (items without training data don't)."""
+    """ALS (``implicit``) fitted on the engagements before the scored window; users are folded in from their
+    positives before t, so users without earlier data still get a vector (items without any don't)."""
     from implicit.cpu.als import AlternatingLeastSquares
 
-    matrix, _ = _train_matrix(data, ev)
+    matrix, _ = _fit_matrix(data, ev)
     model = AlternatingLeastSquares(factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
                                     random_state=seed, num_threads=1)
     model.fit(matrix, show_progress=False)
@@ -165,7 +171,8 @@ def als_scores(data: PointInTimeDataset, ev: EvalSet, *, factors: int = 64, regu
 
 
 def tuned_als_scores(data: PointInTimeDataset, test: EvalSet, val: EvalSet, *, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """ALS with factors and regularization chosen on the validation window by recall@10 (a fair baseline)."""
+    """ALS with factors and regularization chosen on the validation window (fitted on train) by recall@10,
+    then refitted on train + validation for the test window: a fair baseline."""
     grid = [dict(factors=f, regularization=r) for f in (32, 64, 128) for r in (0.01, 0.1, 1.0)]
     best = max(grid, key=lambda p: val.score_metrics(als_scores(data, val, seed=seed, **p))["overall"]["recall@10"])
     return als_scores(data, test, seed=seed, **best), best
@@ -284,7 +291,7 @@ def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, 
     methods: dict[str, Callable[[], dict[int | None, np.ndarray]]] = {}
     notes: list[str] = []
     if baselines:
-        methods["popularity (train engagements)"] = lambda: {None: popularity_scores(data, ev)}
+        methods["popularity"] = lambda: {None: popularity_scores(data, ev)}
 
         def als() -> dict[int | None, np.ndarray]:
             val = EvalSet.from_dataset(data, "val", max_queries=max_queries, seed=config.seed)

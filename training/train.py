@@ -16,91 +16,49 @@ import numpy as np
 import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.losses import (
-    CachedMultipleNegativesRankingLoss,
-    MatryoshkaLoss,
-    MultipleNegativesRankingLoss,
-)
+from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 from sentence_transformers.sentence_transformer.training_args import BatchSamplers, SentenceTransformerTrainingArguments
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
+from models.artifact import default_version
 from models.tower import build_tower
+from models.tuned import TunedTower, add_lora, merge_lora, save_tuned
 from onetower.settings import Settings
 from training.config import TrainConfig, save_config
 from training.dataset import PointInTimeDataset, load_or_build
 from training.evaluate import EvalSet, RecallEvaluator, widths_for
+from training.losses import LogQRankingLoss, SentenceOnlyMatryoshkaLoss
 
 log = logging.getLogger(__name__)
 
 MODEL_SUBDIR = "model"
 ARTIFACT_SUBDIR = "artifact"
+TUNED_SUBDIR = "tuned"  # the adapter + head that ships (models/tuned.py)
 EVAL_LOSS_EXAMPLES = 128
 
 
-def pair_dataset(table, hard_negatives: int) -> Dataset:
-    """(anchor, positive, negative_1..k): the column layout MultipleNegativesRankingLoss reads."""
+def pair_dataset(table, hard_negatives: int, *, logq: bool) -> Dataset:
+    """(anchor, positive, negative_1..k, label): the layout the ranking loss reads; the label is the
+    positive's log sampling frequency (0 without the logQ correction)."""
     columns = {"anchor": table.column("query").to_pylist(), "positive": table.column("positive").to_pylist()}
     for n in range(1, hard_negatives + 1):
         columns[f"negative_{n}"] = table.column(f"negative_{n}").to_pylist()
+    columns["label"] = table.column("logq").to_pylist() if logq else [0.0] * table.num_rows
     return Dataset.from_dict(columns)
 
 
-class _SentenceOnlyMatryoshkaLoss(MatryoshkaLoss):
-    """MatryoshkaLoss that drops the token states from the model output before truncating.
-
-    sentence-transformers truncates the token states to each width too, which fails when a
-    projection makes the tower wider than its hidden size (MiniLM: 384 -> 512); InfoNCE needs only
-    the sentence embedding.
-    """
-
-    def forward(self, sentence_features, labels):
-        if self.uses_gradient_cache:
-            return super().forward(sentence_features, labels)
-        original = self.model.forward
-
-        def sentence_only(features):
-            out = original(features)
-            out.pop("token_embeddings", None)
-            return out
-
-        self.model.forward = sentence_only
-        try:
-            return super().forward(sentence_features, labels)
-        finally:
-            self.model.forward = original
-
-
 def make_loss(model: SentenceTransformer, config: TrainConfig) -> MatryoshkaLoss:
-    """InfoNCE (scale = 1/temperature; negatives gathered across devices) summed over Matryoshka widths."""
+    """InfoNCE (scale = 1/temperature; negatives gathered across devices; logQ-corrected unless turned
+    off) summed over Matryoshka widths."""
     scale = 1.0 / config.temperature
     if config.cached_mnrl:
         inner = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=config.mini_batch_size,
                                                    gather_across_devices=True)
     else:
-        inner = MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=True)
+        inner = LogQRankingLoss(model, scale=scale, gather_across_devices=True)
     dims = widths_for(model.get_embedding_dimension(), config.matryoshka_widths)[::-1]
-    return _SentenceOnlyMatryoshkaLoss(model, inner, matryoshka_dims=dims)
-
-
-def add_lora(model: SentenceTransformer, config: TrainConfig) -> None:
-    """LoRA adapters on the transformer; the added marker tokens' embedding rows stay trainable."""
-    from peft import LoraConfig, TaskType
-
-    transformer = model[0]
-    embeddings = transformer.auto_model.get_input_embeddings()
-    embed_name = next(name for name, module in transformer.auto_model.named_modules() if module is embeddings).split(".")[-1]
-    markers = [tid for tid in transformer.tokenizer.additional_special_tokens_ids]
-    model.add_adapter(LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=config.lora_r, lora_alpha=config.lora_alpha,
-                                 lora_dropout=config.lora_dropout, target_modules="all-linear",
-                                 trainable_token_indices={embed_name: markers}))
-
-
-def merge_lora(model: SentenceTransformer) -> None:
-    """Fold the adapters into the weights, so the saved model and its ONNX graph are plain."""
-    transformer = model[0]
-    if hasattr(transformer.auto_model, "merge_and_unload"):
-        transformer.auto_model = transformer.auto_model.merge_and_unload()
+    return SentenceOnlyMatryoshkaLoss(model, inner, matryoshka_dims=dims)
 
 
 def _bf16(config: TrainConfig) -> bool:
@@ -130,6 +88,8 @@ def training_args(config: TrainConfig, *, has_eval: bool) -> SentenceTransformer
         save_total_limit=config.save_total_limit,
         logging_steps=config.logging_steps,
         logging_first_step=True,
+        dataloader_num_workers=config.dataloader_workers,  # tokenisation in worker processes, off the training loop
+        dataloader_persistent_workers=config.dataloader_workers > 0,
         seed=config.seed,
         report_to="none",
         disable_tqdm=False,
@@ -147,17 +107,17 @@ def train(config: TrainConfig, settings: Settings, *, data: PointInTimeDataset |
     if config.max_train_examples and train_table.num_rows > config.max_train_examples:
         pick = np.sort(np.random.default_rng(config.seed).choice(train_table.num_rows, config.max_train_examples, replace=False))
         train_table = train_table.take(pick)
-    train_ds = pair_dataset(train_table, config.hard_negatives)
+    train_ds = pair_dataset(train_table, config.hard_negatives, logq=config.logq)
     val = data.splits["val"]
     has_eval = config.eval_during_training and val.num_rows > 0
     if not has_eval:
         args.eval_strategy = IntervalStrategy.NO
-    eval_ds = pair_dataset(val.slice(0, EVAL_LOSS_EXAMPLES), config.hard_negatives) if has_eval else None
+    eval_ds = pair_dataset(val.slice(0, EVAL_LOSS_EXAMPLES), config.hard_negatives, logq=config.logq) if has_eval else None
     evaluator = RecallEvaluator(EvalSet.from_dataset(data, "val", max_queries=config.eval_max_queries, seed=config.seed)) if has_eval else None
 
     model = build_tower(config.base_model, dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling)
     if config.lora:
-        add_lora(model, config)
+        add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds,
                                          eval_dataset=eval_ds, loss=make_loss(model, config), evaluator=evaluator)
     train_range = [_iso(t) for t in data.meta["train_range_ms"]]
@@ -175,6 +135,7 @@ def train(config: TrainConfig, settings: Settings, *, data: PointInTimeDataset |
     if not trainer.is_world_process_zero():
         return config.output_dir
     if config.lora:
+        save_tuned(model, config.output_dir / TUNED_SUBDIR, tuned_facts(config, facts, trainer.state.global_step))
         merge_lora(model)
     model.save(str(config.output_dir / MODEL_SUBDIR))
     save_config(config, config.output_dir, {**facts, "steps": trainer.state.global_step})
@@ -184,6 +145,15 @@ def train(config: TrainConfig, settings: Settings, *, data: PointInTimeDataset |
     if config.export:
         export(model, config, config.output_dir / ARTIFACT_SUBDIR, training_data_range=train_range)
     return config.output_dir
+
+
+def tuned_facts(config: TrainConfig, facts: dict, steps: int) -> TunedTower:
+    """The shipped tower's description: its base, shape and how it was trained."""
+    recipe = config.model_dump(mode="json", include={"epochs", "batch_size", "learning_rate", "temperature", "logq",
+                                                     "hard_negatives", "counts_mode", "matryoshka_widths", "lora_r", "lora_alpha"})
+    return TunedTower(version=config.version or default_version(config.base_model), base_model=config.base_model,
+                      dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling,
+                      training={**recipe, **facts, "steps": steps})
 
 
 def export(model: SentenceTransformer, config: TrainConfig, out_dir: Path, *, training_data_range: list[str] | None = None,
