@@ -22,7 +22,7 @@ from indexer.texts import item_state_texts, user_state_texts
 from indexer.vectors import IndexUnavailable, VectorIndex
 from onetower.settings import Settings
 from streams import metrics
-from streams.state import Kind, StateStore
+from streams.state import Kind, Lease, StateStore
 
 if TYPE_CHECKING:
     from models.encoder import Encoder
@@ -65,9 +65,9 @@ class Refresher:
             done = 0
             settled = int((time.time() - self.settings.refresh_debounce_s) * 1000)
             for kind in ("items", "users"):
-                ids = self.store.pop_dirty(kind, self.settings.refresh_batch, settled)
-                if ids:
-                    done += self.refresh_isolating(kind, ids)
+                lease = self.store.pop_dirty(kind, self.settings.refresh_batch, settled)
+                if lease.ids:
+                    done += self.refresh_isolating(kind, lease)
                 metrics.DIRTY.labels(kind).set(self.store.dirty_count(kind))
             return done
         except redis.RedisError as exc:
@@ -82,19 +82,20 @@ class Refresher:
         time.sleep(ERROR_BACKOFF_S)
         return 0
 
-    def refresh_isolating(self, kind: Kind, ids: Sequence[str]) -> int:
+    def refresh_isolating(self, kind: Kind, lease: Lease, ids: Sequence[str] | None = None) -> int:
         """``refresh``, bisecting a batch that fails on its data so that one bad entity costs only
         itself (quarantined with the reason) and about log2(len(ids)) extra batches."""
+        ids = lease.ids if ids is None else ids
         try:
-            return self.refresh(kind, ids)
+            return self.refresh(kind, lease, ids)
         except (redis.RedisError, IndexUnavailable):
             raise
         except Exception as exc:
             if len(ids) > 1:
                 mid = len(ids) // 2
-                return self.refresh_isolating(kind, ids[:mid]) + self.refresh_isolating(kind, ids[mid:])
+                return self.refresh_isolating(kind, lease, ids[:mid]) + self.refresh_isolating(kind, lease, ids[mid:])
             reason = f"{type(exc).__name__}: {exc}"
-            self.store.quarantine(kind, {ids[0]: reason})
+            self.store.quarantine(kind, lease, {ids[0]: reason})
             metrics.QUARANTINED.labels(kind).inc()
             log.warning("quarantined", extra={"kind": kind, "id": ids[0], "reason": reason})
             return 1
@@ -112,8 +113,10 @@ class Refresher:
             self.store.check_buckets(limit=10 * self.settings.refresh_batch, tables=self._tables)
             self._buckets_checked = time.monotonic()
 
-    def refresh(self, kind: Kind, ids: Sequence[str]) -> int:
-        """Encode and upsert (or delete) ``ids``, then acknowledge their dirty marks."""
+    def refresh(self, kind: Kind, lease: Lease, ids: Sequence[str] | None = None) -> int:
+        """Encode and upsert (or delete) ``ids`` (default: the lease's), then acknowledge their dirty
+        marks; those whose lease expired and was taken over meanwhile are queued again."""
+        ids = lease.ids if ids is None else ids
         # One read of the states: the text encoded and the updated_at stored with it describe the same state.
         if kind == "items":
             states: Sequence[Any] = self.store.items(ids)
@@ -138,7 +141,9 @@ class Refresher:
                     metrics.FRESHNESS.labels(kind).observe(max(now_ms - st.updated_ms, 0) / 1000)
         if gone:
             (self.index.delete_items if kind == "items" else self.index.delete_users)(self.version, gone)
-        self.store.ack_dirty(kind, ids)
+        lost = self.store.ack_dirty(kind, lease, ids)
+        if lost:
+            log.warning("leases expired mid-batch; queued again", extra={"kind": kind, "ids": lost[:10], "lost": len(lost)})
         metrics.ENCODED.labels(kind).inc(len(live) + len(gone))
         log.debug("refreshed", extra={"kind": kind, "encoded": len(live), "deleted": len(gone), "popped": len(ids)})
         return len(ids)

@@ -28,6 +28,7 @@ Layout (``P`` = ``settings.redis_key_prefix``; every key ends in a type suffix, 
 ``P dirty:items:counts``  zset  items whose percentile bucket moved, the same (popped only after
                                ``dirty:items``: a new item never waits behind a wave of bucket moves)
 ``P inflight:<kind>``  zset    entities popped for re-encoding -> lease deadline (wall-clock ms)
+``P lease:<kind>``     hash    entities popped for re-encoding -> the token of their current lease
 ``P quarantine:<kind>``  hash  entities whose re-encoding failed on their own data -> the reason
                                (out of the queues until retried or changed again)
 ``P counted``          zset    items whose counters changed since their buckets were checked -> ``n``
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
@@ -75,6 +77,14 @@ if ok then return 1 end
 redis.call('DEL', KEYS[1])
 return redis.error_reply('{REJECTED} ' .. (type(err) == 'table' and err.err or tostring(err)))
 """
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Entities popped for re-encoding, and the token that proves this popper still holds them."""
+
+    ids: list[str]
+    token: str
 
 
 @dataclass(frozen=True)
@@ -159,20 +169,22 @@ if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSE
 redis.call('ZADD', KEYS[4], 'NX', ARGV[4], ARGV[2])
 """)
 
-# Move up to ARGV[2] entities to inflight with a lease: first those whose lease expired (a worker
-# died mid-batch), then settled dirty ones, queue by queue, that are not under a live lease (another
-# worker encodes them). A popped entity leaves every queue: one encode covers all its changes.
-# KEYS: inflight, dirty queue 1, dirty queue 2, ...    ARGV: settled_before_ms, limit, now_ms, lease_ms
+# Move up to ARGV[2] entities to inflight with a lease under token ARGV[5]: first those whose lease
+# expired (a worker died or stalled mid-batch), then settled dirty ones, queue by queue, that are not
+# under a live lease (another worker encodes them). A popped entity leaves every queue: one encode
+# covers all its changes.
+# KEYS: inflight, lease tokens, dirty queue 1, dirty queue 2, ...
+# ARGV: settled_before_ms, limit, now_ms, lease_ms, token
 _POP = """
 local limit, now = tonumber(ARGV[2]), tonumber(ARGV[3])
 local deadline = now + tonumber(ARGV[4])
 local out, seen = {}, {}
 local function take(id)
-  for q = 2, #KEYS do redis.call('ZREM', KEYS[q], id) end
+  for q = 3, #KEYS do redis.call('ZREM', KEYS[q], id) end
   if not seen[id] then out[#out + 1] = id; seen[id] = true end
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)) do take(id) end
-for q = 2, #KEYS do
+for q = 3, #KEYS do
   if #out >= limit then break end
   local window = limit - #out + redis.call('ZCARD', KEYS[1])
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[q], '-inf', ARGV[1], 'LIMIT', 0, window)) do
@@ -181,8 +193,32 @@ for q = 2, #KEYS do
     if seen[id] or not lease or tonumber(lease) <= now then take(id) end
   end
 end
-for _, id in ipairs(out) do redis.call('ZADD', KEYS[1], deadline, id) end
+for _, id in ipairs(out) do
+  redis.call('ZADD', KEYS[1], deadline, id)
+  redis.call('HSET', KEYS[2], id, ARGV[5])
+end
 return out
+"""
+
+# End the leases of ARGV[4..] still held under token ARGV[1]: ack them (ARGV[2] == 'ack') or quarantine
+# them with reason ARGV[2]. An id whose lease expired and another worker took over keeps that lease;
+# on an ack it also goes back to the dirty queue, since the vector this holder wrote may be older
+# than the one the other wrote. The reply lists those ids (leases lost).
+# KEYS: inflight, lease tokens, quarantine, dirty queue    ARGV: token, 'ack' or reason, now_ms, id1, ...
+_RELEASE = """
+local lost = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[2], id) == ARGV[1] then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+    if ARGV[2] == 'ack' then redis.call('HDEL', KEYS[3], id) else redis.call('HSET', KEYS[3], id, ARGV[2]) end
+  else
+    if ARGV[2] == 'ack' then redis.call('ZADD', KEYS[4], 'NX', ARGV[3], id) end
+    lost[#lost + 1] = id
+  end
+end
+return lost
 """
 
 # Remove checked items from ``counted`` unless they changed again meanwhile (their score grew).
@@ -219,6 +255,7 @@ class StateStore:
         self._impression = client.register_script(_IMPRESSION)
         self._entity = client.register_script(_ENTITY)
         self._pop = client.register_script(_POP)
+        self._release = client.register_script(_RELEASE)
         self._uncount = client.register_script(_UNCOUNT)
 
     @classmethod
@@ -434,31 +471,37 @@ class StateStore:
         if ids_with_ts:
             self.r.zadd(self._q(f"dirty:{kind}"), dict(ids_with_ts), nx=True)
 
-    def pop_dirty(self, kind: Kind, limit: int, settled_before_ms: int) -> list[str]:
+    def pop_dirty(self, kind: Kind, limit: int, settled_before_ms: int) -> Lease:
         """Take up to ``limit`` entities dirty since before ``settled_before_ms`` (plus any whose
-        lease expired), leased for ``refresh_lease_s``: call ``ack_dirty`` after their vectors are
-        upserted; unacknowledged ones return to the queue when the lease ends (a crashed worker)."""
-        out = self._pop(keys=[self._q(f"inflight:{kind}"), *self._queues(kind)],
-                        args=[settled_before_ms, limit, _now_ms(), int(self.settings.refresh_lease_s * 1000)])
-        return [x.decode() for x in out]
+        lease expired), leased for ``refresh_lease_s`` under a new token: call ``ack_dirty`` after
+        their vectors are upserted; unacknowledged ones return to the queue when the lease ends (a
+        crashed worker), and then another popper's token replaces this one."""
+        token = uuid.uuid4().hex
+        out = self._pop(keys=[self._q(f"inflight:{kind}"), self._q(f"lease:{kind}"), *self._queues(kind)],
+                        args=[settled_before_ms, limit, _now_ms(), int(self.settings.refresh_lease_s * 1000), token])
+        return Lease([x.decode() for x in out], token)
 
-    def ack_dirty(self, kind: Kind, ids: Sequence[str]) -> None:
-        """The vectors of ``ids`` are upserted: end their leases (and any quarantine: they are fine
-        now). A change made meanwhile re-queued them."""
-        if ids:
-            pipe = self.r.pipeline(transaction=True)
-            pipe.zrem(self._q(f"inflight:{kind}"), *ids)
-            pipe.hdel(self._q(f"quarantine:{kind}"), *ids)
-            pipe.execute()
+    def ack_dirty(self, kind: Kind, lease: Lease, ids: Sequence[str] | None = None) -> list[str]:
+        """The vectors of ``ids`` (default: all the lease's) are upserted: end their leases (and any
+        quarantine: they are fine now). A change made meanwhile re-queued them. An id whose lease
+        expired and was taken over is queued again instead (this write may be older than the
+        other's) and returned: the leases lost."""
+        return self._end_leases(kind, lease, lease.ids if ids is None else ids, "ack")
 
-    def quarantine(self, kind: Kind, reasons: Mapping[str, str]) -> None:
-        """Set aside entities whose re-encoding failed on their own data, with the reason, ending
-        their leases: they stop failing every batch they are in. A new event queues one again."""
-        if reasons:
-            pipe = self.r.pipeline(transaction=True)
-            pipe.hset(self._q(f"quarantine:{kind}"), mapping=dict(reasons))
-            pipe.zrem(self._q(f"inflight:{kind}"), *reasons)
-            pipe.execute()
+    def quarantine(self, kind: Kind, lease: Lease, reasons: Mapping[str, str]) -> None:
+        """Set aside leased entities whose re-encoding failed on their own data, with the reason,
+        ending their leases: they stop failing every batch they are in. A new event queues one
+        again. An entity whose lease was taken over is left to its new holder."""
+        for id_, reason in reasons.items():
+            self._end_leases(kind, lease, [id_], reason)
+
+    def _end_leases(self, kind: Kind, lease: Lease, ids: Sequence[str], outcome: str) -> list[str]:
+        if not ids:
+            return []
+        lost = self._release(keys=[self._q(f"inflight:{kind}"), self._q(f"lease:{kind}"), self._q(f"quarantine:{kind}"),
+                                   self._q(f"dirty:{kind}")],
+                             args=[lease.token, outcome, _now_ms(), *ids])
+        return [x.decode() for x in lost]
 
     def quarantined(self, kind: Kind) -> dict[str, str]:
         """Quarantined entities of ``kind`` -> the reason their re-encoding failed."""

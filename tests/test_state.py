@@ -131,14 +131,18 @@ def test_dirty_queue_debounces_leases_and_requeues(store: StateStore) -> None:
     store.apply_many([EngagementEvent(user_id="a", item_id="j", ts=at(T0 + 1)),
                       EngagementEvent(user_id="b", item_id="i", ts=at(T0))], now_ms=now)
     # 'a' keeps its first-dirty time; 'b' is still inside the debounce window.
-    assert store.pop_dirty("users", 10, settled_before_ms=now - 1000) == ["a"]
-    assert store.pop_dirty("users", 10, settled_before_ms=now - 1000) == []
+    first = store.pop_dirty("users", 10, settled_before_ms=now - 1000)
+    assert first.ids == ["a"]
+    assert store.pop_dirty("users", 10, settled_before_ms=now - 1000).ids == []
     # A change while 'a' is being encoded queues it again, but nobody takes it while the lease lives.
     store.apply(EngagementEvent(user_id="a", item_id="k", ts=at(T0 + 2)))
-    assert store.pop_dirty("users", 10, settled_before_ms=now + 10_000) == ["b"]
-    store.ack_dirty("users", ["a"])
-    assert store.pop_dirty("users", 10, settled_before_ms=now + 10_000) == ["a"]
-    store.ack_dirty("users", ["a", "b"])
+    second = store.pop_dirty("users", 10, settled_before_ms=now + 10_000)
+    assert second.ids == ["b"]
+    assert store.ack_dirty("users", first) == []
+    third = store.pop_dirty("users", 10, settled_before_ms=now + 10_000)
+    assert third.ids == ["a"]
+    store.ack_dirty("users", second)
+    store.ack_dirty("users", third)
     assert store.dirty_count("users") == 0
 
 
@@ -146,14 +150,42 @@ def test_an_unacknowledged_pop_returns_after_its_lease(settings: Settings) -> No
     store = StateStore.from_settings(settings.model_copy(update={"refresh_lease_s": 0.2}))
     try:
         store.mark_dirty("items", {"i1": 1, "i2": 2})
-        assert store.pop_dirty("items", 1, settled_before_ms=10) == ["i1"]  # the popper "crashes"
-        assert store.pop_dirty("items", 5, settled_before_ms=10) == ["i2"]
+        assert store.pop_dirty("items", 1, settled_before_ms=10).ids == ["i1"]  # the popper "crashes"
+        assert store.pop_dirty("items", 5, settled_before_ms=10).ids == ["i2"]
         time.sleep(0.3)
-        assert sorted(store.pop_dirty("items", 5, settled_before_ms=10)) == ["i1", "i2"]
-        store.ack_dirty("items", ["i1", "i2"])
+        again = store.pop_dirty("items", 5, settled_before_ms=10)
+        assert sorted(again.ids) == ["i1", "i2"]
+        assert store.ack_dirty("items", again) == []
         assert store.dirty_count("items") == 0
     finally:
         drop_prefix(store)
+
+
+def test_a_stalled_workers_ack_leaves_the_lease_of_the_worker_that_took_over(settings: Settings) -> None:
+    slow = StateStore.from_settings(settings.model_copy(update={"refresh_lease_s": 0.05}))
+    fast = StateStore.from_settings(settings)
+    inflight = slow._q("inflight:users")
+    try:
+        slow.mark_dirty("users", {"u": 1})
+        stalled = slow.pop_dirty("users", 10, settled_before_ms=10)
+        assert stalled.ids == ["u"]
+        time.sleep(0.2)  # the slow worker's batch outlives its lease
+        taken = fast.pop_dirty("users", 10, settled_before_ms=10)
+        assert taken.ids == ["u"]
+        # The stalled worker's ack ends nothing of the other's lease; its write may be the older one,
+        # so the entity is queued to be encoded once more after the other's ack.
+        assert slow.ack_dirty("users", stalled) == ["u"]
+        assert fast.r.zscore(inflight, "u") is not None
+        assert fast.pop_dirty("users", 10, settled_before_ms=int(time.time() * 1000) + 1).ids == []
+        assert fast.ack_dirty("users", taken) == []
+        assert fast.r.zscore(inflight, "u") is None
+        again = fast.pop_dirty("users", 10, settled_before_ms=int(time.time() * 1000) + 1)
+        assert again.ids == ["u"]
+        fast.quarantine("users", stalled, {"u": "a stale holder's verdict"})  # a lost lease quarantines nothing
+        assert fast.quarantined("users") == {}
+        assert fast.ack_dirty("users", again) == [] and fast.dirty_count("users") == 0
+    finally:
+        drop_prefix(fast)
 
 
 def test_items_are_dirty_for_counters_only_when_their_bucket_moves(store: StateStore) -> None:
@@ -167,7 +199,7 @@ def test_items_are_dirty_for_counters_only_when_their_bucket_moves(store: StateS
     assert set(tables) == set(COUNTER_NAMES)
     assert store.percentile_tables()["impressions_1h"] == tables["impressions_1h"]
     first = store.pop_dirty("items", 1000, settled_before_ms=int(time.time() * 1000) + 1)
-    assert sorted(first) == sorted(ids)  # their vectors had no buckets yet
+    assert sorted(first.ids) == sorted(ids)  # their vectors had no buckets yet
     store.ack_dirty("items", first)
     assert store.check_buckets() == []  # the counted queue from before the refresh: nothing moved since
     assert store.dirty_count("items") == 0
@@ -187,10 +219,10 @@ def test_items_are_dirty_for_counters_only_when_their_bucket_moves(store: StateS
     # is popped once.
     later = int(time.time() * 1000) + 5
     store.apply_many([ItemEvent(item_id="new", features={"title": "new"}, ts=at(T0))], now_ms=later)
-    assert store.pop_dirty("items", 1, settled_before_ms=later + 1) == ["new"]
+    assert store.pop_dirty("items", 1, settled_before_ms=later + 1).ids == ["new"]
     store.apply_many([ItemEvent(item_id=edge, features={"title": "renamed"}, ts=at(T0 + 1))], now_ms=later)
-    assert store.pop_dirty("items", 100, settled_before_ms=later + 1) == [edge]
-    assert store.pop_dirty("items", 100, settled_before_ms=later + 1) == []
+    assert store.pop_dirty("items", 100, settled_before_ms=later + 1).ids == [edge]
+    assert store.pop_dirty("items", 100, settled_before_ms=later + 1).ids == []
     assert store.dirty_count("items") == 2  # both leased until acknowledged
     assert store.r.zcard(store._q("counted")) == 0
 
