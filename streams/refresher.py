@@ -3,7 +3,11 @@
 A micro-batch is bounded by ``refresh_batch`` entities and waits ``refresh_debounce_s`` after an
 entity's first change, so a burst of events on one user costs one encode. Dirty marks are leased on
 pop and acknowledged only after Milvus took the vectors: a worker that dies mid-batch leaves its
-entities to come back when the lease ends, so every dirty entity gets its vector.
+entities to come back when the lease ends, so every dirty entity gets its vector. A worker that only
+stalls past its lease may then write after the one that took over: each write is checked against the
+state version of the newest vector written for that entity (an older render is skipped), and its ack,
+finding the lease under another token, queues the entity once more (closing the gap between the
+check and the upsert).
 
 A micro-batch that fails on its data (not on Redis or Milvus being unavailable) is bisected: the good
 entities are still refreshed, and each one that fails on its own is quarantined with the reason
@@ -14,9 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 import redis
+from prometheus_client import Counter
 
 from indexer.texts import item_state_texts, user_state_texts
 from indexer.vectors import IndexUnavailable, VectorIndex
@@ -29,10 +36,22 @@ if TYPE_CHECKING:
     from models.render import PercentileTable
 
 log = logging.getLogger("onetower.refresher")
+STALE_WRITES = Counter("onetower_stale_writes_skipped_total",
+                       "vectors (or deletes) not written because one of a newer state version was written first", ["kind"])
 
 TABLES_RELOAD_S = 1.0  # how stale this worker's copy of the percentile tables may get
 BUCKET_CHECK_S = 1.0  # how often items whose counters changed are checked for a bucket move
 ERROR_BACKOFF_S = 1.0
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A micro-batch read and encoded, not written yet."""
+
+    ids: list[str]
+    live: list[tuple[str, Any]]  # (id, state) per row of ``vectors``
+    vectors: np.ndarray
+    gone: dict[str, int]  # ids to delete (no state, or a deleted item) -> their state version
 
 
 class Refresher:
@@ -116,8 +135,11 @@ class Refresher:
     def refresh(self, kind: Kind, lease: Lease, ids: Sequence[str] | None = None) -> int:
         """Encode and upsert (or delete) ``ids`` (default: the lease's), then acknowledge their dirty
         marks; those whose lease expired and was taken over meanwhile are queued again."""
-        ids = lease.ids if ids is None else ids
-        # One read of the states: the text encoded and the updated_at stored with it describe the same state.
+        return self.write(kind, lease, self.encode(kind, lease.ids if ids is None else ids))
+
+    def encode(self, kind: Kind, ids: Sequence[str]) -> Rendered:
+        """Read the states of ``ids`` once (the text encoded, the updated_at and the version stored
+        with it describe the same state) and encode those that have a text."""
         if kind == "items":
             states: Sequence[Any] = self.store.items(ids)
             texts = item_state_texts(states, self._tables)
@@ -125,25 +147,40 @@ class Refresher:
             states = self.store.users(ids)
             texts = user_state_texts(self.store, states, tokenizer=self.encoder.tokenizer, max_tokens=self.encoder.max_seq_length)
         live = [(i, st, text) for i, st, text in zip(ids, states, texts) if text is not None]
-        gone = [i for i, st in zip(ids, states) if st is None or getattr(st, "deleted", False)]
+        vectors = np.zeros((0, self.settings.embedding_dim), dtype=np.float32)
         if live:
             started = time.perf_counter()
             vectors = self.encoder.encode([text for _, _, text in live])
             metrics.ENCODE_SECONDS.labels(kind).observe(time.perf_counter() - started)
             metrics.ENCODE_BATCH.labels(kind).observe(len(live))
-            fields = [{"updated_at": max(st.updated_ms, 0),
-                       "attrs": st.features if kind == "items" else st.profile} for _, st, _ in live]
+        return Rendered(ids=list(ids), live=[(i, st) for i, st, _ in live], vectors=vectors,
+                        gone={i: st.version if st else 0 for i, st in zip(ids, states)
+                              if st is None or getattr(st, "deleted", False)})
+
+    def write(self, kind: Kind, lease: Lease, batch: Rendered) -> int:
+        """Upsert and delete what ``batch`` holds, except where a vector of a newer state version was
+        written meanwhile (counted, skipped), then acknowledge the batch's leases."""
+        fresh = self.store.claim_writes(kind, self.version, {**{i: st.version for i, st in batch.live}, **batch.gone})
+        rows = [n for n, (i, _) in enumerate(batch.live) if i in fresh]
+        gone = [i for i in batch.gone if i in fresh]
+        if stale := len(batch.live) + len(batch.gone) - len(fresh):
+            STALE_WRITES.labels(kind).inc(stale)
+            log.info("older renders not written", extra={"kind": kind, "skipped": stale})
+        if rows:
+            live = [batch.live[n] for n in rows]
+            fields = [{"updated_at": max(st.updated_ms, 0), "attrs": st.features if kind == "items" else st.profile}
+                      for _, st in live]
             upsert = self.index.upsert_items if kind == "items" else self.index.upsert_users
-            upsert(self.version, [i for i, _, _ in live], vectors, fields)
+            upsert(self.version, [i for i, _ in live], batch.vectors[rows], fields)
             now_ms = time.time() * 1000
-            for _, st, _ in live:
+            for _, st in live:
                 if st.updated_ms >= 0:
                     metrics.FRESHNESS.labels(kind).observe(max(now_ms - st.updated_ms, 0) / 1000)
         if gone:
             (self.index.delete_items if kind == "items" else self.index.delete_users)(self.version, gone)
-        lost = self.store.ack_dirty(kind, lease, ids)
+        lost = self.store.ack_dirty(kind, lease, batch.ids)
         if lost:
             log.warning("leases expired mid-batch; queued again", extra={"kind": kind, "ids": lost[:10], "lost": len(lost)})
-        metrics.ENCODED.labels(kind).inc(len(live) + len(gone))
-        log.debug("refreshed", extra={"kind": kind, "encoded": len(live), "deleted": len(gone), "popped": len(ids)})
-        return len(ids)
+        metrics.ENCODED.labels(kind).inc(len(rows) + len(gone))
+        log.debug("refreshed", extra={"kind": kind, "encoded": len(rows), "deleted": len(gone), "popped": len(batch.ids)})
+        return len(batch.ids)

@@ -14,14 +14,16 @@ Layout (``P`` = ``settings.redis_key_prefix``; every key ends in a type suffix, 
 =====================  ======  =====================================================================
 ``P ev:<kind>:<id>``   string  idempotency key of one event, expires after ``dedup_ttl_s``
 ``P u:<uid>:m``        hash    ``ts`` (event time of the latest profile/engagement reflected),
-                               ``pts`` (profile event time), ``its`` (latest impression time)
+                               ``pts`` (profile event time), ``its`` (latest impression time),
+                               ``v`` (state version: +1 by each event that changes what is encoded)
 ``P u:<uid>:p``        hash    profile feature -> JSON value (replaced by each newer user event)
 ``P u:<uid>:h``        zset    history: item -> event time of the latest engagement, capped
 ``P u:<uid>:e``        set     every item the user engaged with (uncapped; for exclude-seen)
 ``P u:<uid>:i``        zset    recent impressions: item -> event time, capped
 ``P i:<iid>:m``        hash    ``ts`` (latest event time reflected), ``fts`` (features event time),
                                ``cts`` (newest counter event time), ``deleted``, ``n`` (counter
-                               changes), ``b`` (JSON percentile buckets at the last check)
+                               changes), ``b`` (JSON percentile buckets at the last check), ``v``
+                               (state version: +1 by each feature or counter change)
 ``P i:<iid>:f``        hash    feature -> JSON value (replaced by each newer item event)
 ``P i:<iid>:c:<sig>``  hash    hour bucket -> count, per signal (impressions, engagements)
 ``P dirty:<kind>``     zset    entities waiting for re-encoding -> wall-clock ms of first dirt
@@ -31,6 +33,8 @@ Layout (``P`` = ``settings.redis_key_prefix``; every key ends in a type suffix, 
 ``P lease:<kind>``     hash    entities popped for re-encoding -> the token of their current lease
 ``P quarantine:<kind>``  hash  entities whose re-encoding failed on their own data -> the reason
                                (out of the queues until retried or changed again)
+``P vec:<model>:<kind>``  hash  entity -> state version of the newest vector written for it (an
+                               older render arriving later is not written)
 ``P counted``          zset    items whose counters changed since their buckets were checked -> ``n``
 ``P pct``              hash    counter name -> PercentileTable JSON
 ``P pct:due``          string  set (with a TTL of the refit interval) by the worker that refits
@@ -99,6 +103,7 @@ class UserState:
     profile: dict[str, Any]
     history: list[HistoryEntry]  # oldest first, capped at settings.history_len, one entry per item (latest ts)
     updated_ms: int  # event time of the latest profile or engagement event reflected (what the vector shows)
+    version: int = 0  # state version (``v``): orders two reads of one user, unlike event times, which may tie
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ class ItemState:
     counters: dict[str, int]  # COUNTER_NAMES as of the newest counter event time seen for this item
     deleted: bool
     updated_ms: int
+    version: int = 0  # state version (``v``), as for UserState
 
 
 # Shared Lua: count one signal for an item (hour bucket, prune buckets outside the longest window,
@@ -130,6 +136,7 @@ local function count(meta, cnt, counted, item, ts, bucket_ms, max_window_h)
   end
   local mts = tonumber(redis.call('HGET', meta, 'ts') or '-1')
   if ts > mts then redis.call('HSET', meta, 'ts', ts) end
+  redis.call('HINCRBY', meta, 'v', 1)
   redis.call('ZADD', counted, redis.call('HINCRBY', meta, 'n', 1), item)
 end
 """
@@ -141,6 +148,7 @@ local ts = tonumber(ARGV[4])
 capped_add(KEYS[3], ARGV[3], ts, tonumber(ARGV[5]))
 redis.call('SADD', KEYS[4], ARGV[3])
 if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
+redis.call('HINCRBY', KEYS[2], 'v', 1)
 redis.call('ZADD', KEYS[5], 'NX', ARGV[6], ARGV[2])
 count(KEYS[6], KEYS[7], KEYS[8], ARGV[3], ts, tonumber(ARGV[7]), tonumber(ARGV[8]))
 """)
@@ -166,6 +174,7 @@ for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], tsf, ts)
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'deleted', ARGV[5]) end
 if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
+redis.call('HINCRBY', KEYS[2], 'v', 1)
 redis.call('ZADD', KEYS[4], 'NX', ARGV[4], ARGV[2])
 """)
 
@@ -221,6 +230,19 @@ end
 return lost
 """
 
+# Record the state version each vector is written from, unless a newer one was written already.
+# KEYS: vec:<model>:<kind>    ARGV: id1, v1, id2, v2, ...    Reply: the ids to write
+_CLAIM = """
+local fresh = {}
+for i = 1, #ARGV, 2 do
+  if tonumber(ARGV[i + 1]) >= tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1') then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    fresh[#fresh + 1] = ARGV[i]
+  end
+end
+return fresh
+"""
+
 # Remove checked items from ``counted`` unless they changed again meanwhile (their score grew).
 # KEYS: counted    ARGV: id1, n1, id2, n2, ...
 _UNCOUNT = """
@@ -257,6 +279,7 @@ class StateStore:
         self._pop = client.register_script(_POP)
         self._release = client.register_script(_RELEASE)
         self._uncount = client.register_script(_UNCOUNT)
+        self._claim = client.register_script(_CLAIM)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "StateStore":
@@ -325,8 +348,9 @@ class StateStore:
 
     # -- reads --------------------------------------------------------------------------------
     def users(self, ids: Sequence[str]) -> list[UserState | None]:
-        """User states in the order of ``ids``; None for a user with no state."""
-        pipe = self.r.pipeline(transaction=False)
+        """User states in the order of ``ids``; None for a user with no state. One snapshot
+        (MULTI): the version read is the version of the history and profile read."""
+        pipe = self.r.pipeline(transaction=True)
         for uid in ids:
             pipe.hgetall(self._u(uid, "m"))
             pipe.hgetall(self._u(uid, "p"))
@@ -341,12 +365,13 @@ class StateStore:
             out.append(UserState(
                 user_id=uid, profile=_decode_features(profile),
                 history=[HistoryEntry(item.decode(), int(ts)) for item, ts in hist],
-                updated_ms=int(meta.get(b"ts", -1))))
+                updated_ms=int(meta.get(b"ts", -1)), version=int(meta.get(b"v", 0))))
         return out
 
     def items(self, ids: Sequence[str]) -> list[ItemState | None]:
-        """Item states in the order of ``ids``; None for an item with no state (neither features nor counts)."""
-        pipe = self.r.pipeline(transaction=False)
+        """Item states in the order of ``ids``; None for an item with no state (neither features nor
+        counts). One snapshot (MULTI), as for ``users``."""
+        pipe = self.r.pipeline(transaction=True)
         for iid in ids:
             pipe.hgetall(self._i(iid, "m"))
             pipe.hgetall(self._i(iid, "f"))
@@ -365,7 +390,8 @@ class StateStore:
             for signal, raw in zip(SIGNALS, buckets):
                 counters.update(window_counts({int(b): int(c) for b, c in raw.items()}, as_of, signal))
             out.append(ItemState(item_id=iid, features=_decode_features(features), counters=counters,
-                                 deleted=meta.get(b"deleted") == b"1", updated_ms=int(meta.get(b"ts", -1))))
+                                 deleted=meta.get(b"deleted") == b"1", updated_ms=int(meta.get(b"ts", -1)),
+                                 version=int(meta.get(b"v", 0))))
         return out
 
     def _scan_ids(self, entity: str) -> Iterator[str]:
@@ -452,6 +478,15 @@ class StateStore:
             self._uncount(keys=[self._q("counted")], args=[x for kv in change_no.items() for x in kv], client=pipe)
         pipe.execute()
         return moved
+
+    def claim_writes(self, kind: Kind, model_version: str, versions: Mapping[str, int]) -> set[str]:
+        """Record that vectors (or deletes) of these state versions are about to be written; returns
+        the ids to write: those with no newer version written already. A slow worker's render of an
+        older state, arriving after a newer one, is left out, so it cannot replace the newer vector."""
+        if not versions:
+            return set()
+        fresh = self._claim(keys=[self._q(f"vec:{model_version}:{kind}")], args=[x for kv in versions.items() for x in kv])
+        return {x.decode() for x in fresh}
 
     def clear(self) -> int:
         """Delete every key under this store's prefix (and only those); returns how many."""

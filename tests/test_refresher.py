@@ -1,0 +1,76 @@
+"""Two refreshers (two "workers") on one state, in process, on the real Redis and Milvus: a worker that
+stalls past its lease must not leave an older vector in place of the newer one."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.vectors import VectorIndex
+from models.encoder import Encoder
+from onetower.settings import Settings
+from streams.events import EngagementEvent, ItemEvent, UserEvent
+from streams.refresher import STALE_WRITES, Refresher
+from streams.state import StateStore
+from tests.test_worker import tiny_model  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.stack
+
+T0 = 1_700_000_000_000
+
+
+def at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def refresher(settings: Settings, encoder: Encoder) -> Refresher:
+    r = Refresher(settings, StateStore.from_settings(settings), encoder, VectorIndex(settings))
+    r.start()
+    return r
+
+
+def stored(index: VectorIndex, kind: str, version: str, id_: str) -> tuple[np.ndarray, int] | None:
+    rows = index.client.query(index.collection(kind, version), ids=[id_], output_fields=["vector", "updated_at"],
+                              consistency_level="Strong")
+    return (np.asarray(rows[0]["vector"], dtype=np.float32), rows[0]["updated_at"]) if rows else None
+
+
+def test_an_older_render_written_after_a_newer_one_does_not_win(srv: Settings, tiny_model: Path) -> None:  # noqa: F811
+    encoder = Encoder.load(tiny_model)
+    slow = refresher(srv.model_copy(update={"refresh_lease_s": 0.05}), encoder)
+    fast = refresher(srv, encoder)
+    store, index, version = fast.store, fast.index, encoder.version
+    store.apply_many([ItemEvent(item_id=i, features={"title": f"Movie {i}"}, ts=at(T0)) for i in ("m0", "m1")]
+                     + [UserEvent(user_id="u", features={"age": 30}, ts=at(T0)),
+                        EngagementEvent(user_id="u", item_id="m0", ts=at(T0 + 1))])
+    settled = int(time.time() * 1000) + 1
+    fast.refresh("items", fast.store.pop_dirty("items", 10, settled))
+
+    stalled = slow.store.pop_dirty("users", 10, settled)
+    assert stalled.ids == ["u"]
+    old = slow.encode("users", stalled.ids)  # the slow worker read and encoded u's state ...
+    store.apply(EngagementEvent(user_id="u", item_id="m1", ts=at(T0 + 2)))
+    time.sleep(0.2)  # ... and stalls past its lease, while u changes
+    taken = fast.store.pop_dirty("users", 10, int(time.time() * 1000) + 1)
+    assert taken.ids == ["u"]
+    fast.refresh("users", taken)
+    newer = stored(index, "users", version, "u")
+    assert newer is not None and newer[1] == T0 + 2
+
+    skipped = STALE_WRITES.labels("users")._value.get()
+    slow.write("users", stalled, old)  # the older render arrives last
+    vector, updated_at = stored(index, "users", version, "u")
+    assert updated_at == T0 + 2 and np.array_equal(vector, newer[0])
+    assert STALE_WRITES.labels("users")._value.get() == skipped + 1
+    assert not np.allclose(old.vectors[0], newer[0])  # the premise: the two renders differ
+
+    # The stalled worker's lease was lost, so u is queued once more; that encode writes the same state.
+    again = fast.store.pop_dirty("users", 10, int(time.time() * 1000) + 1)
+    assert again.ids == ["u"]
+    fast.refresh("users", again)
+    assert stored(index, "users", version, "u")[1] == T0 + 2
+    assert store.dirty_count("users") == 0
