@@ -129,8 +129,10 @@ class Redis(Service):
         exe = shutil.which("redis-server")
         if exe is None:
             raise StackError("redis-server is not installed; run the setup command (make setup)")
+        # appendfsync always: a script's reply comes after the AOF fsync, so the offsets a worker commits
+        # after it cover only events on disk. (WAITAOF, Redis >= 7.2, is not in Debian's 7.0.)
         return [exe, "--bind", "127.0.0.1", "--port", str(self.settings.redis_port), "--dir", str(self.data_dir),
-                "--appendonly", "yes", "--save", "", "--daemonize", "no"]
+                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"]
 
     def is_ready(self) -> bool:
         import redis

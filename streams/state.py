@@ -488,6 +488,16 @@ class StateStore:
         fresh = self._claim(keys=[self._q(f"vec:{model_version}:{kind}")], args=[x for kv in versions.items() for x in kv])
         return {x.decode() for x in fresh}
 
+    def durability_issue(self) -> str | None:
+        """Why an event script's reply may come before its writes are on disk (the worker commits
+        offsets after it), or None: the server must run with appendonly yes and appendfsync always."""
+        try:
+            conf = self.r.config_get("append*")
+        except redis.ResponseError as exc:  # managed Redis may refuse CONFIG
+            return f"cannot read the server's persistence settings ({exc})"
+        got = {k: conf.get(k) for k in ("appendonly", "appendfsync")}
+        return None if got == {"appendonly": "yes", "appendfsync": "always"} else f"persistence is {got}"
+
     def clear(self) -> int:
         """Delete every key under this store's prefix (and only those); returns how many."""
         deleted = 0

@@ -3,7 +3,9 @@
 Delivery is at-least-once and the effect exactly-once: an agent takes a batch of records from a
 topic, applies the valid ones to Redis (each event one idempotent script, see ``streams.state``),
 sends the invalid ones to the DLQ and waits for the broker's acknowledgement, and only then lets
-faust acknowledge the batch, whose offsets are committed after that. A crash anywhere before the
+faust acknowledge the batch, whose offsets are committed after that. Redis replies only after its
+append-only file is fsynced (``appendfsync always``; the worker warns at start when the server says
+otherwise), so a committed offset never covers an event a Redis crash can lose. A crash anywhere before the
 commit replays the batch, and the replay changes nothing that was already applied (an event without
 an id gets one derived from its record's coordinates). Failures of Redis are retried in place (the
 batch is never acknowledged unapplied); a record that fails on its own goes to the DLQ with the reason.
@@ -221,13 +223,26 @@ def build_app(settings: Settings, refresher: Refresher | None, store: StateStore
     return app
 
 
+def warn_unless_durable(store: StateStore) -> None:
+    """Offsets are committed once the scripts reply: say so when a reply may come before the fsync."""
+    try:
+        issue = store.durability_issue()
+    except redis.RedisError as exc:  # Redis down at start: the agents retry; the check is advice only
+        issue = f"could not be checked ({exc})"
+    if issue:
+        log.warning("a Redis crash may lose events whose offsets are committed: run Redis with appendonly yes and "
+                    "appendfsync always", extra={"issue": issue})
+
+
 def run_worker(settings: Settings, refresher: Refresher | None, loglevel: str = "info") -> None:
     """Run until SIGTERM/SIGINT: faust stops the agents after their current batch (applied and
     acknowledged), commits the offsets, and the refresher finishes its current micro-batch."""
     metrics.setup_logging(loglevel)
     ensure_topics(settings)
     port = metrics.serve(settings.worker_metrics_port)
-    app = build_app(settings, refresher)
+    store = StateStore.from_settings(settings)
+    warn_unless_durable(store)
+    app = build_app(settings, refresher, store)
     log.info("worker starting", extra={"app_id": app.conf.id, "metrics_port": port, "topic_prefix": settings.topic_prefix,
                                       "redis_key_prefix": settings.redis_key_prefix, "started": time.time()})
     worker = faust.Worker(app, loglevel=loglevel, override_logging=False, quiet=True)
