@@ -5,16 +5,22 @@ a filter Milvus rejects, a malformed body); 503 when Milvus (or Redis, or the ac
 encoder) cannot serve. ``/healthz`` says the process runs, ``/readyz`` that it can answer, ``/metrics``
 exposes Prometheus metrics, ``/docs`` and ``/openapi.json`` the OpenAPI description.
 
+With ``settings.api_token`` set, the candidates routes need ``Authorization: Bearer <token>`` (401
+otherwise); probes, metrics and the OpenAPI description stay open, for kubelets and scrapers (the
+k8s NetworkPolicy decides who reaches the port).
+
 No ``from __future__ import annotations`` here: FastAPI must see the k bound, a closure over settings.
 """
 
 import logging
+import secrets
 import time
-from typing import Annotated
+from typing import Annotated, Callable, Optional
 
 import redis
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
@@ -52,6 +58,19 @@ class CandidatesRequest(BaseModel):
     k: int = Field(default=100, ge=1, le=MAX_TOPK)
     exclude_seen: bool = Field(default=True, description="leave out the items in history")
     filter: str | None = Field(default=None, max_length=4096, description='a Milvus expression, e.g. attrs["year"] >= 1990')
+
+
+def bearer_auth(settings: Settings) -> Callable[..., None]:
+    """A dependency that admits a request carrying ``settings.api_token`` (every request when it is
+    empty); compared in constant time, so timing tells nothing about the token."""
+    expected = settings.api_token.get_secret_value().encode()
+    scheme = HTTPBearer(auto_error=False, description="settings.api_token")
+
+    def check(credentials: Annotated[Optional[HTTPAuthorizationCredentials], Depends(scheme)]) -> None:
+        if expected and not (credentials and secrets.compare_digest(credentials.credentials.encode(), expected)):
+            raise HTTPException(status_code=401, detail="a valid bearer token is required",
+                                headers={"WWW-Authenticate": "Bearer"})
+    return check
 
 
 def create_app(settings: Settings, retriever: Retriever | None = None) -> FastAPI:
@@ -99,8 +118,11 @@ def create_app(settings: Settings, retriever: Retriever | None = None) -> FastAP
         returned.observe(len(result.items))
         return CandidatesResponse.of(result)
 
-    @app.get("/v1/users/{user_id}/candidates", response_model=CandidatesResponse,
-             responses={404: {"description": "unknown user with no state"}, 503: {"description": "Milvus is down"}})
+    authorized = [Depends(bearer_auth(settings))]
+
+    @app.get("/v1/users/{user_id}/candidates", response_model=CandidatesResponse, dependencies=authorized,
+             responses={401: {"description": "no valid bearer token (when api_token is set)"},
+                        404: {"description": "unknown user with no state"}, 503: {"description": "Milvus is down"}})
     def user_candidates(
         user_id: Annotated[str, Path(min_length=1, max_length=128)],
         k: Annotated[int, Query(ge=1, le=settings.candidates_max_k)] = 100,
@@ -110,7 +132,9 @@ def create_app(settings: Settings, retriever: Retriever | None = None) -> FastAP
         """Top-k items for a known user (indexed, or encoded from Redis state on the fly)."""
         return respond(retriever.candidates(user_id, k, exclude_seen=exclude_seen, filter=filter))
 
-    @app.post("/v1/candidates", response_model=CandidatesResponse, responses={503: {"description": "Milvus is down"}})
+    @app.post("/v1/candidates", response_model=CandidatesResponse, dependencies=authorized,
+              responses={401: {"description": "no valid bearer token (when api_token is set)"},
+                         503: {"description": "Milvus is down"}})
     def body_candidates(body: CandidatesRequest) -> CandidatesResponse:
         """Top-k items for a user given by features and history in the body."""
         return respond(retriever.candidates_for(body.features, body.history, body.k,
@@ -128,7 +152,7 @@ def create_app(settings: Settings, retriever: Retriever | None = None) -> FastAP
         try:
             retriever.store.r.ping()
         except redis.RedisError as exc:
-            raise ServiceUnavailable(f"Redis at {settings.redis_url} failed: {exc}", public="Redis failed to answer") from None
+            raise ServiceUnavailable(f"Redis at {settings.redis_url_masked} failed: {exc}", public="Redis failed to answer") from None
         return {"status": "ready", "version": version}
 
     @app.get("/metrics")

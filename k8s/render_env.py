@@ -39,7 +39,7 @@ IN_CLUSTER: dict[str, object] = {
     "state_dir": "/tmp/onetower",
     "cache_dir": "/tmp/onetower-cache",
 }
-SECRET_FIELDS = frozenset({"milvus_token"})
+SECRET_FIELDS = frozenset({"milvus_token", "redis_password", "kafka_sasl_username", "kafka_sasl_password", "api_token"})
 # Durability on a 3-broker cluster (the local stack has one broker and replication 1).
 TOPIC_REPLICAS = 3
 TOPIC_MIN_ISR = 2

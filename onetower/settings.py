@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TOPIC_KINDS = ("items", "users", "impressions", "engagements", "dlq")
@@ -30,14 +30,21 @@ class Settings(BaseSettings):
     topic_prefix: str = "onetower."
     topic_partitions: int = Field(default=4, ge=1)
     topic_retention_ms: int = Field(default=-1, description="-1 keeps impressions and engagements forever (training reads them)")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the brokers' certificates (default: the system's)")
 
-    # Redis
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis: a password may be in the URL (redis://:PASSWORD@host) or apart (redis_password); logs show
+    # redis_url_masked only.
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    redis_password: SecretStr = SecretStr("")
     redis_key_prefix: str = "ot:"
 
     # Milvus: an http(s) URI is a server; a path ending in .db is Milvus Lite (one process only).
     milvus_uri: str = "http://127.0.0.1:19530"
-    milvus_token: str = ""
+    milvus_token: str = Field(default="", repr=False, description="user:password or an API key, when Milvus has auth on")
     milvus_prefix: str = Field(default="", description="prefix of collection and alias names (tests isolate with it)")
     milvus_timeout_s: float = Field(default=5.0, gt=0, description="connect and per-call timeout; past it Milvus counts as down")
     milvus_read_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
@@ -70,6 +77,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     candidates_max_k: int = Field(default=2000, ge=1, le=16384, description="largest k a candidates request may ask for")
+    api_token: SecretStr = Field(default=SecretStr(""), description="bearer token the candidates routes require (empty: open)")
 
     @field_validator("topic_prefix")
     @classmethod
@@ -85,6 +93,31 @@ class Settings(BaseSettings):
         if urlparse(v).scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return v
+
+    @model_validator(mode="after")
+    def _sasl_has_credentials(self) -> "Settings":
+        if self.kafka_security_protocol.startswith("SASL_") and not (self.kafka_sasl_username and self.kafka_sasl_password.get_secret_value()):
+            raise ValueError(f"kafka_security_protocol {self.kafka_security_protocol} needs kafka_sasl_username and kafka_sasl_password")
+        return self
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """Security arguments for every kafka-python client (``KafkaConsumer(**settings.kafka_client_config(), ...)``)."""
+        config: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol.startswith("SASL_"):
+            config.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
+                          sasl_plain_password=self.kafka_sasl_password.get_secret_value())
+        if self.kafka_security_protocol.endswith("SSL") and self.kafka_ssl_cafile:
+            config["ssl_cafile"] = str(self.kafka_ssl_cafile)
+        return config
+
+    @property
+    def redis_url_masked(self) -> str:
+        """``redis_url`` with any password replaced by ``***``: the form for logs and error messages."""
+        parts = urlparse(self.redis_url)
+        if not parts.password:
+            return self.redis_url
+        user = f"{parts.username}:" if parts.username else ":"
+        return parts._replace(netloc=f"{user}***@{parts.netloc.rsplit('@', 1)[1]}").geturl()
 
     def topic(self, kind: str) -> str:
         """Full topic name for one of ``TOPIC_KINDS``."""

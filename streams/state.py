@@ -283,7 +283,9 @@ class StateStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "StateStore":
-        return cls(redis.Redis.from_url(settings.redis_url, health_check_interval=30), settings)
+        # A password in the URL wins over redis_password (redis-py lets the URL override keywords).
+        password = settings.redis_password.get_secret_value() or None
+        return cls(redis.Redis.from_url(settings.redis_url, password=password, health_check_interval=30), settings)
 
     # -- keys ---------------------------------------------------------------------------------
     def _u(self, uid: str, suffix: str) -> str:

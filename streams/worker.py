@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +144,19 @@ def origin(message: Any) -> Origin:
     return found or Origin(message.topic, message.partition, message.offset)
 
 
+def broker_credentials(settings: Settings) -> faust.auth.Credentials | None:
+    """The Kafka security settings as faust (aiokafka) takes them: TLS with the CA file (or the
+    system's), SASL with its mechanism; None for PLAINTEXT."""
+    protocol = settings.kafka_security_protocol
+    context = None
+    if protocol.endswith("SSL"):
+        context = ssl.create_default_context(cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None)
+    if protocol.startswith("SASL_"):
+        return faust.SASLCredentials(username=settings.kafka_sasl_username, password=settings.kafka_sasl_password.get_secret_value(),
+                                     mechanism=settings.kafka_sasl_mechanism, ssl_context=context)
+    return faust.SSLCredentials(context) if context is not None else None
+
+
 def build_app(settings: Settings, refresher: Refresher | None, store: StateStore | None = None) -> faust.App:
     """The faust app: one agent per event topic, a lag timer, and the refresher loop (when given)."""
     store = store or StateStore.from_settings(settings)
@@ -150,6 +164,7 @@ def build_app(settings: Settings, refresher: Refresher | None, store: StateStore
     app = faust.App(
         app_id(settings),
         broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=broker_credentials(settings),
         store="memory://",
         datadir=datadir,
         web_enabled=False,
@@ -244,6 +259,7 @@ def run_worker(settings: Settings, refresher: Refresher | None, loglevel: str = 
     warn_unless_durable(store)
     app = build_app(settings, refresher, store)
     log.info("worker starting", extra={"app_id": app.conf.id, "metrics_port": port, "topic_prefix": settings.topic_prefix,
-                                      "redis_key_prefix": settings.redis_key_prefix, "started": time.time()})
+                                      "redis_key_prefix": settings.redis_key_prefix, "redis_url": settings.redis_url_masked,
+                                      "started": time.time()})
     worker = faust.Worker(app, loglevel=loglevel, override_logging=False, quiet=True)
     worker.execute_from_commandline()

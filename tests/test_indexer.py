@@ -11,6 +11,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from indexer.api import create_app
 from indexer.candidates import Retriever, UnknownUser
@@ -188,6 +189,26 @@ def test_http_status_codes(srv: Settings) -> None:
     assert r.status_code == 503 and r.json()["detail"] == "Milvus failed to connect"
     assert down.get("/readyz").status_code == 503
     assert down.get("/healthz").status_code == 200
+
+
+def test_a_token_guards_the_candidates_routes_and_leaves_probes_open(srv: Settings) -> None:
+    index = VectorIndex(srv)
+    build(index, ("v1",))
+    index.activate("v1")
+    client = TestClient(create_app(srv.model_copy(update={"api_token": SecretStr("s3cret-token")})))
+    route, body = "/v1/users/u/candidates", {"history": ["x0"], "k": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer s3cret-toke"},
+                    {"Authorization": "Basic czNjcmV0LXRva2Vu"}):
+        r = client.get(route, headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (headers, r.text)
+        assert client.post("/v1/candidates", json=body, headers=headers).status_code == 401
+    good = {"Authorization": "Bearer s3cret-token"}
+    r = client.get(route, params={"k": 2}, headers=good)
+    assert r.status_code == 200 and [c["item_id"] for c in r.json()["items"]] == ["x0", "x1"]
+    assert client.post("/v1/candidates", json=body, headers=good).status_code != 401  # past the check (no encoder here: 503)
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+    assert client.get("/metrics").status_code == 200
+    assert TestClient(create_app(srv)).get(route).status_code == 200  # no token set: open
 
 
 ODD_IDS = ["9'33", 'say "hi"', "back\\slash", "all'\"\\", "trailing\\", "line\nbreak"]

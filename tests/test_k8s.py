@@ -224,7 +224,8 @@ def test_every_resource_validates(rendered, name):
             pytest.fail(f"{resource['kind']}/{resource['metadata']['name']} is invalid: {exc}")
         kinds.add(resource["kind"])
     expected = ({"Kafka", "KafkaNodePool", "KafkaTopic", "StatefulSet", "Service", "Milvus"} if name == "deps" else
-                {"Deployment", "Service", "PodDisruptionBudget", "Job", "ConfigMap", "Secret", "ScaledObject", "PersistentVolumeClaim"})
+                {"Deployment", "Service", "PodDisruptionBudget", "Job", "ConfigMap", "Secret", "ScaledObject", "PersistentVolumeClaim",
+                 "NetworkPolicy"})
     assert kinds == expected
 
 
@@ -297,6 +298,48 @@ def test_references_resolve(rendered, name):
     config = next(v for v in render.pod_specs(train)[0]["volumes"] if v["name"] == "config")
     assert "train.yaml" in one(resources, "ConfigMap", config["configMap"]["name"])["data"]
     assert containers(train)[0]["args"][-2:] == ["--config", "/config/train.yaml"]
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_pod_reads_the_credentials_from_the_secret(rendered, name):
+    """Credentials (tokens, passwords) come from the one Secret, never from the ConfigMap."""
+    secret = one(rendered[name], "Secret", prefix="onetower-secrets-")
+    assert {"ONETOWER_API_TOKEN", "ONETOWER_KAFKA_SASL_PASSWORD", "ONETOWER_REDIS_PASSWORD", "ONETOWER_MILVUS_TOKEN"} <= set(secret["data"])
+    for workload in (r for r in rendered[name] if render.pod_specs(r)):
+        for c in containers(workload):
+            refs = [src["secretRef"]["name"] for src in c.get("envFrom", []) if "secretRef" in src]
+            assert refs == [secret["metadata"]["name"]], f"{workload['metadata']['name']}/{c['name']} must read the Secret"
+
+
+def ingress_rules(policies: list[dict], labels: dict) -> list[dict] | None:
+    """The ingress rules that apply to a pod with ``labels``; None when no policy selects it (all open)."""
+    selecting = [p for p in policies if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()]
+    assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in selecting)
+    return None if not selecting else [rule for p in selecting for rule in p["spec"].get("ingress", [])]
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_network_policies_open_only_the_api_and_the_worker_metrics(rendered, name):
+    app, deps = rendered[name], rendered["deps"]
+    policies = [r for r in app if r["kind"] == "NetworkPolicy"]
+    for workload in (r for r in deps if render.pod_specs(r)):  # Kafka, Redis, Milvus: not onetower's to restrict
+        assert ingress_rules(policies, workload["spec"]["template"]["metadata"]["labels"]) is None
+    for workload in (r for r in app if render.pod_specs(r)):
+        labels = (workload["spec"].get("template") or workload["spec"]["jobTemplate"]["spec"]["template"])["metadata"]["labels"]
+        rules = ingress_rules(policies, labels)
+        assert rules is not None, f"{workload['metadata']['name']} is not under the deny-by-default policy"
+        ports = {p["port"] for rule in rules for p in rule["ports"]}
+        named = {p["name"] for c in containers(workload) for p in c.get("ports", [])}
+        component = labels["app.kubernetes.io/component"]
+        if component == "api":
+            assert ports == {"http"} <= named
+            (rule,) = rules
+            assert {"podSelector": {}} in rule["from"], "every pod of the namespace must reach the API"
+        elif component == "worker":
+            assert ports == {"metrics"} <= named
+            assert all("from" not in rule for rule in rules), "scrapers may live in any namespace"
+        else:
+            assert rules == [], f"{workload['metadata']['name']} takes no connections"
 
 
 # --- invariants ---------------------------------------------------------------------------
