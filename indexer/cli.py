@@ -17,7 +17,7 @@ app = typer.Typer()
 
 @app.command()
 def reindex(
-    model: Optional[Path] = typer.Option(None, "--model", help="model artifact directory [default: ONETOWER_MODEL_DIR]"),
+    model: Optional[Path] = typer.Option(None, "--model", help="model artifact directory [default: ONETOWER_MODEL_DIR, else the shipped tuned tower]"),
     restart: bool = typer.Option(False, help="drop a half-built copy of this version and start clean instead of resuming"),
 ) -> None:
     """Encode every item and user with a model into new collections, check them, then swap the aliases."""
@@ -25,13 +25,14 @@ def reindex(
     from indexer.reindex import reindex as run
     from indexer.vectors import IndexUnavailable, VersionError
 
+    from models.errors import ModelError
+    from models.tuned import served_artifact
+
     settings = get_settings()
-    model = model or settings.model_dir
-    if model is None:
-        raise fail("give --model DIR (or set ONETOWER_MODEL_DIR)")
     try:
+        model = model or settings.model_dir or served_artifact(settings.state_dir / "models")
         report = run(settings, model, restart=restart, show_progress=True)
-    except (ReindexError, IndexUnavailable, VersionError) as exc:
+    except (ReindexError, IndexUnavailable, VersionError, ModelError) as exc:
         raise fail(str(exc)) from None
     console.print(f"version [bold]{report.version}[/] active: {report.items} items (from {report.item_source}), "
                   f"{report.users} users{' (resumed)' if report.resumed else ''}; previous: {report.previous or 'none'}"

@@ -9,7 +9,7 @@ merges it, so the result is a plain sentence-transformers model that exports to 
 
 from __future__ import annotations
 
-import json
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +73,7 @@ def save_tuned(model: SentenceTransformer, out_dir: Path, tower: TunedTower) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     # the base's resized embeddings are rebuilt by build_tower (seeded); only the marker rows' deltas ship
     auto.save_pretrained(str(out_dir / ADAPTER_DIR), save_embedding_layers=False)
+    (out_dir / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's model-card template, empty here
     weights = out_dir / ADAPTER_DIR / "adapter_model.safetensors"
     save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}, str(weights))  # half the bytes; LoRA deltas are small
     head = {k: v.detach().cpu().contiguous() for k, v in _head(model).state_dict().items()}
@@ -102,3 +103,34 @@ def load_tuned(path: Path) -> SentenceTransformer:
     _head(model).load_state_dict(load_file(str(path / HEAD_FILE)), strict=True)
     model.eval()
     return model
+
+
+# ---------------------------------------------------------------- the towers that ship with onetower
+
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+DEFAULT_TOWER = "minilm_logq_v1"  # served when no model directory is given; see models/shipped/README.md
+
+
+def shipped(name: str = DEFAULT_TOWER) -> Path:
+    """A tuned tower committed under ``models/shipped/``."""
+    path = SHIPPED_DIR / name
+    if not (path / TUNED_FILE).is_file():
+        known = sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / TUNED_FILE).is_file()) if SHIPPED_DIR.is_dir() else []
+        raise ModelError(f"no shipped tower {name!r} (shipped: {', '.join(known) or 'none'})")
+    return path
+
+
+def served_artifact(models_dir: Path, tuned_dir: Path | None = None, *, int8: bool = False) -> Path:
+    """The ONNX artifact of a tuned tower (default: the shipped default), exported once into
+    ``models_dir/<version>`` and reused; the adapter is merged into the graph."""
+    from models.artifact import MANIFEST, ModelArtifact, export_artifact
+
+    tuned_dir = tuned_dir or shipped()
+    tower = read_tuned(tuned_dir)
+    out = Path(models_dir) / tower.version
+    if (out / MANIFEST).is_file():
+        return ModelArtifact.load(out).path
+    span = tower.training.get("train_range")
+    artifact = export_artifact(load_tuned(tuned_dir), out, version=tower.version, base_model=tower.base_model, int8=int8,
+                               training_data_range=tuple(datetime.fromisoformat(t) for t in span) if span else None)
+    return artifact.path

@@ -89,19 +89,16 @@ def _replay(settings: Settings, short: bool) -> None:
 
 
 def _model(settings: Settings, train: bool) -> Path:
-    """The untuned MiniLM tower as an artifact (built once), or a briefly fine-tuned one."""
-    from models.artifact import ModelArtifact, export_artifact
-    from models.tower import build_tower
+    """The shipped tuned tower as an ONNX artifact (exported once), or a briefly fine-tuned one."""
+    from models.artifact import ModelArtifact
+    from models.tuned import read_tuned, served_artifact, shipped
 
     if train:
         return _finetuned(settings)
-    out = settings.state_dir / "models" / "minilm_base"
-    if (out / "manifest.json").exists():
-        return ModelArtifact.load(out).path
-    with console.status("exporting the untuned MiniLM tower to ONNX..."):
-        artifact = export_artifact(build_tower("minilm", dim=settings.embedding_dim), out, version="minilm_base",
-                                   base_model="minilm")
-    console.print(f"model {artifact.version}: ONNX fp32 parity {artifact.manifest.parity.get('fp32', 0):.4f}")
+    with console.status(f"exporting the shipped tower {read_tuned(shipped()).version} to ONNX (once)..."):
+        artifact = ModelArtifact.load(served_artifact(settings.state_dir / "models"))
+    console.print(f"model {artifact.version} ({artifact.manifest.base_model}, tuned): ONNX fp32 parity "
+                  f"{artifact.manifest.parity.get('fp32', 0):.4f}")
     return artifact.path
 
 

@@ -127,7 +127,7 @@ def _print_counts(counts: dict[str, int], what: str) -> None:
 
 @app.command()
 def worker(
-    model: Optional[Path] = typer.Option(None, "--model", help="model artifact directory [env ONETOWER_MODEL_DIR]"),
+    model: Optional[Path] = typer.Option(None, "--model", help="model artifact directory [env ONETOWER_MODEL_DIR; default: the shipped tuned tower]"),
     refresh: bool = typer.Option(True, "--refresh/--no-refresh", help="re-encode dirty users and items (off: state updates only)"),
     loglevel: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
@@ -143,11 +143,10 @@ def worker(
         from streams.refresher import Refresher
         from streams.state import StateStore
 
-        model_dir = model or settings.model_dir
-        if model_dir is None:
-            raise fail("give --model DIR (or set ONETOWER_MODEL_DIR), or run with --no-refresh")
+        from models.tuned import served_artifact
+
         try:
-            encoder = Encoder.load(model_dir)
+            encoder = Encoder.load(model or settings.model_dir or served_artifact(settings.state_dir / "models"))
         except ModelError as exc:
             raise fail(str(exc)) from None
         refresher = Refresher(settings, StateStore.from_settings(settings), encoder, VectorIndex(settings))

@@ -23,6 +23,20 @@ def test_ranks_and_metrics_on_a_hand_built_case():
     assert m["ndcg@10"] == pytest.approx((1.0 + 1 / np.log2(5) + 1 / np.log2(4)) / 3)
 
 
+def test_a_diverged_model_scores_no_hit():
+    scores = np.full((2, 20), np.nan)  # NaN embeddings: every comparison is False, which once ranked targets first
+    rank = ranks(scores, np.array([0, 3]), [np.array([], dtype=np.int64)] * 2)
+    assert rank.tolist() == [20, 20] and metrics(rank)["recall@10"] == 0.0
+
+
+def test_a_run_whose_gradients_went_nan_is_refused():
+    from training.train import TrainingDiverged, check_converged
+
+    check_converged([{"step": 1, "loss": 2.3, "grad_norm": 8.6}])
+    with pytest.raises(TrainingDiverged, match="step 20"):  # what SmolLM2 at lr 5e-4 did on the H200
+        check_converged([{"step": 1, "loss": 22.7, "grad_norm": 8.6}, {"step": 20, "loss": 15.5, "grad_norm": float("nan")}])
+
+
 def test_bad_config_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="pooling"):
         load_config(None, {"pooling": "max"})

@@ -30,8 +30,9 @@ def _errors():
     from streams.topics import KafkaUnavailable
     from training.config import ConfigError
     from training.dataset import DatasetError
+    from training.train import TrainingDiverged
 
-    return (ModelError, KafkaUnavailable, ConfigError, DatasetError, ValueError)
+    return (ModelError, KafkaUnavailable, ConfigError, DatasetError, TrainingDiverged, ValueError)
 
 
 @app.command()

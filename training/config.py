@@ -54,6 +54,7 @@ class TrainConfig(BaseModel):
     # optimisation
     epochs: float = Field(default=1.0, gt=0.0)
     max_steps: int = Field(default=-1, description="stop after this many steps (-1: run the epochs)")
+    max_minutes: float | None = Field(default=None, gt=0.0, description="stop (and save) after this much training time")
     batch_size: int = Field(default=32, ge=2)
     learning_rate: float = Field(default=5e-5, gt=0.0)
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)

@@ -41,14 +41,16 @@ def widths_for(full: int, widths: Iterable[int] | None = None) -> list[int]:
 
 
 def ranks(scores: np.ndarray, target: np.ndarray, exclude: list[np.ndarray]) -> np.ndarray:
-    """1-based rank of each query's target among the non-excluded items; ties go to the lower index."""
+    """1-based rank of each query's target among the non-excluded items; ties go to the lower index.
+    A target without a finite score (a diverged model's NaN) ranks last: it can never count as a hit."""
     scores = np.array(scores, dtype=np.float64, copy=True)
     for q, idx in enumerate(exclude):
         scores[q, idx] = -np.inf
     rows = np.arange(len(target))
     own = scores[rows, target][:, None]
     before = np.arange(scores.shape[1])[None, :] < target[:, None]
-    return 1 + (scores > own).sum(axis=1) + ((scores == own) & before).sum(axis=1)
+    rank = 1 + (scores > own).sum(axis=1) + ((scores == own) & before).sum(axis=1)
+    return np.where(np.isfinite(own[:, 0]), rank, scores.shape[1])
 
 
 def metrics(rank: np.ndarray, ks: Iterable[int] = KS) -> dict[str, float]:
@@ -270,7 +272,12 @@ def plot_recall_by_width(rows: list[Row], path: Path, metric: str = "recall@10")
 
 
 def load_trained(directory: Path) -> SentenceTransformer:
-    """A trained tower from a training output directory (its ``model``) or one of its checkpoints."""
+    """A trained tower from a training output directory (its ``model``), one of its checkpoints, or a
+    shipped tuned tower (adapter + head, ``models/tuned.py``)."""
+    from models.tuned import TUNED_FILE, load_tuned
+
+    if (directory / TUNED_FILE).is_file():
+        return load_tuned(directory)
     path = directory / "model" if (directory / "model" / "modules.json").is_file() else directory
     if not (path / "modules.json").is_file():
         raise ValueError(f"{directory} holds no trained tower (no model/ or modules.json)")
@@ -279,11 +286,21 @@ def load_trained(directory: Path) -> SentenceTransformer:
     return model
 
 
+def run_config(directory: Path):
+    """The training config of a training output directory or of a shipped tuned tower (which records it)."""
+    from models.tuned import TUNED_FILE, read_tuned
+    from training.config import TrainConfig, read_run
+
+    if (directory / TUNED_FILE).is_file():
+        recorded = read_tuned(directory).training
+        return TrainConfig.model_validate({k: v for k, v in recorded.items() if k in TrainConfig.model_fields})
+    return read_run(directory)[0]
+
+
 def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, max_queries: int | None,
                    baselines: bool = True, split: str = "test") -> tuple[str, list[Row]]:
     """The evaluation table (markdown, also written to ``out_dir``) and the recall-by-width plot."""
     from models.tower import build_tower
-    from training.config import read_run
     from training.dataset import load_or_build
 
     data = load_or_build(settings, config.dataset_options())
@@ -303,7 +320,7 @@ def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, 
         methods[f"untuned {config.base_model} tower"] = lambda: tower_scores(
             build_tower(config.base_model, dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling), ev)
     for label, directory in models.items():
-        trained, _ = read_run(directory)
+        trained = run_config(directory)
         variant = EvalSet.from_dataset(load_or_build(settings, trained.dataset_options()), split, max_queries=max_queries, seed=config.seed)
         if variant.key != ev.key or variant.catalogue_ids != ev.catalogue_ids:
             raise ValueError(f"model {label!r} was trained on other events or another split than {config.output_dir}'s config")

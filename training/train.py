@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 from sentence_transformers.sentence_transformer.training_args import BatchSamplers, SentenceTransformerTrainingArguments
+from transformers import TrainerCallback
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 from models.artifact import default_version
@@ -59,6 +61,18 @@ def make_loss(model: SentenceTransformer, config: TrainConfig) -> MatryoshkaLoss
         inner = LogQRankingLoss(model, scale=scale, gather_across_devices=True)
     dims = widths_for(model.get_embedding_dimension(), config.matryoshka_widths)[::-1]
     return SentenceOnlyMatryoshkaLoss(model, inner, matryoshka_dims=dims)
+
+
+class TimeBudget(TrainerCallback):
+    """Ends training after ``minutes`` of wall time; the run is then saved and evaluated as if complete."""
+
+    def __init__(self, minutes: float) -> None:
+        self.deadline = time.monotonic() + 60 * minutes
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() > self.deadline:
+            control.should_training_stop = True
+        return control
 
 
 def _bf16(config: TrainConfig) -> bool:
@@ -119,7 +133,8 @@ def train(config: TrainConfig, settings: Settings, *, data: PointInTimeDataset |
     if config.lora:
         add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds,
-                                         eval_dataset=eval_ds, loss=make_loss(model, config), evaluator=evaluator)
+                                         eval_dataset=eval_ds, loss=make_loss(model, config), evaluator=evaluator,
+                                         callbacks=[TimeBudget(config.max_minutes)] if config.max_minutes else None)
     train_range = [_iso(t) for t in data.meta["train_range_ms"]]
     facts = {"dataset_fingerprint": data.meta.get("fingerprint"), "train_examples": train_ds.num_rows, "train_range": train_range}
     if trainer.is_world_process_zero():
@@ -130,6 +145,7 @@ def train(config: TrainConfig, settings: Settings, *, data: PointInTimeDataset |
     # the step-0 point of the curves (the untuned tower); train() starts a fresh log, so it is kept here
     untuned = [{**trainer.evaluate(), "step": 0}] if has_eval and last is None else []
     trainer.train(resume_from_checkpoint=last)
+    check_converged(trainer.state.log_history)
     if has_eval:
         trainer.evaluate()
     if not trainer.is_world_process_zero():
@@ -147,10 +163,21 @@ def train(config: TrainConfig, settings: Settings, *, data: PointInTimeDataset |
     return config.output_dir
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN/inf: the weights are garbage and must not be saved as a model."""
+
+
+def check_converged(history: list[dict]) -> None:
+    """Refuse a run whose logged loss or gradient norm went non-finite (lower the learning rate)."""
+    bad = next((h for h in history if any(k in h and not np.isfinite(h[k]) for k in ("loss", "grad_norm"))), None)
+    if bad is not None:
+        raise TrainingDiverged(f"training diverged at step {bad.get('step')} (loss {bad.get('loss')}, gradient norm "
+                               f"{bad.get('grad_norm')}); lower learning_rate or raise warmup_ratio")
+
+
 def tuned_facts(config: TrainConfig, facts: dict, steps: int) -> TunedTower:
     """The shipped tower's description: its base, shape and how it was trained."""
-    recipe = config.model_dump(mode="json", include={"epochs", "batch_size", "learning_rate", "temperature", "logq",
-                                                     "hard_negatives", "counts_mode", "matryoshka_widths", "lora_r", "lora_alpha"})
+    recipe = config.model_dump(mode="json", exclude={"output_dir", "resume", "export"})
     return TunedTower(version=config.version or default_version(config.base_model), base_model=config.base_model,
                       dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling,
                       training={**recipe, **facts, "steps": steps})
