@@ -67,3 +67,29 @@ def srv(settings: Settings) -> Iterator[Settings]:
     s = settings.model_copy(update={"milvus_read_consistency": "Strong"})
     yield s
     purge(s)
+
+
+from pathlib import Path  # noqa: E402
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS's pick)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def private_redis(local_stack: Settings, tmp_path: Path) -> Iterator[Settings]:
+    """The shared stack's settings but with a redis-server of the test's own (a free port, AOF on, as the
+    stack runs it), so a test can stop and restart Redis without touching anyone else's; stopped after."""
+    private = local_stack.model_copy(update={"state_dir": tmp_path / "private-redis",
+                                             "redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    server = stack.Redis(private)
+    server.start()
+    try:
+        yield private
+    finally:
+        server.stop()

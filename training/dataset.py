@@ -23,8 +23,8 @@ import logging
 import os
 import shutil
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
@@ -39,12 +40,13 @@ from tqdm.auto import tqdm
 from models.render import PROMPT_FORMAT_VERSION, PercentileTable, render_item, render_user
 from onetower.settings import Settings
 from streams.counters import COUNTER_NAMES, PointInTimeCounters, hour_bucket
-from streams.events import EngagementEvent, Event, ImpressionEvent, InvalidEvent, ItemEvent, UserEvent, parse_event
+from streams.events import (ORIGIN_HEADER, EngagementEvent, Event, ImpressionEvent, InvalidEvent, ItemEvent, Origin, UserEvent,
+                            parse_event)
 from streams.topics import KafkaUnavailable
 
 log = logging.getLogger(__name__)
 
-DATASET_FORMAT_VERSION = "2"  # bump when the example recipe below changes: old caches are then ignored
+DATASET_FORMAT_VERSION = "3"  # bump when the example recipe below changes: old caches are then ignored
 TOPIC_KINDS = ("items", "users", "impressions", "engagements")  # equal timestamps are applied in this order
 SPLITS = ("train", "val", "test")
 STALL_S = 60  # seconds without a record, while partitions are short of their end offsets, before giving up
@@ -132,9 +134,29 @@ def _offset_range(consumer: KafkaConsumer, parts: list[TopicPartition], options:
     return {tp: (start[tp], end[tp]) for tp in parts}
 
 
-def read_events(settings: Settings, options: DatasetOptions,
-                ranges: dict[TopicPartition, tuple[int, int]] | None = None) -> Iterator[Event]:
-    """Every valid event in the offset ranges (invalid records are counted and skipped, as the DLQ would)."""
+@dataclass
+class ReadStats:
+    """What ``read_events`` skipped, per topic: invalid records (those the worker dead-letters for their
+    content) and records whose event id was already read (the worker's idempotency applies those once)."""
+
+    invalid: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+
+
+def _origin(record: ConsumerRecord) -> Origin:
+    """The coordinates that identify a record without an event id, as the worker takes them
+    (``streams.worker.origin``): a DLQ replay's original ones from its header, else its own."""
+    header = dict(record.headers or ()).get(ORIGIN_HEADER)
+    return Origin.from_header(header) or Origin(record.topic, record.partition, record.offset)
+
+
+def read_events(settings: Settings, options: DatasetOptions, ranges: dict[TopicPartition, tuple[int, int]] | None = None,
+                stats: ReadStats | None = None) -> Iterator[Event]:
+    """Every valid event in the offset ranges, once per event id (per topic kind), judged as the worker
+    judges it: an id missing from the record is derived from its coordinates, invalid records and
+    repeated ids are skipped and counted in ``stats``."""
+    stats = stats if stats is not None else ReadStats()
+    seen: set[tuple[str, str]] = set()
     consumer = _consumer(settings)
     try:
         ranges = ranges or _offset_range(consumer, _partitions(consumer, settings), options, settings)
@@ -143,7 +165,6 @@ def read_events(settings: Settings, options: DatasetOptions,
         consumer.assign(list(todo))
         for tp, (begin, _) in todo.items():
             consumer.seek(tp, begin)
-        invalid = 0
         last_progress = time.monotonic()
         while todo:
             batch = consumer.poll(timeout_ms=1000)
@@ -160,14 +181,20 @@ def read_events(settings: Settings, options: DatasetOptions,
                     if options.until_ms is not None and record.timestamp >= options.until_ms:
                         continue
                     try:
-                        yield parse_event(kind_of[tp.topic], record.value)
+                        event = parse_event(kind_of[tp.topic], record.value, _origin(record))
                     except InvalidEvent:
-                        invalid += 1
+                        stats.invalid[tp.topic] += 1
+                        continue
+                    if (event.kind, event.event_id) in seen:
+                        stats.duplicates[tp.topic] += 1
+                        continue
+                    seen.add((event.kind, event.event_id))
+                    yield event
                 if tp in todo and consumer.position(tp) >= stop:
                     del todo[tp]
                     consumer.pause(tp)
-        if invalid:
-            log.warning("skipped %d invalid records", invalid)
+        for topic, n in sorted(stats.invalid.items()):
+            log.warning("skipped %d invalid records of %s", n, topic)
     except KafkaError as exc:
         raise KafkaUnavailable(f"reading topics from {settings.kafka_bootstrap} failed: {exc}") from None
     finally:
@@ -371,11 +398,14 @@ def load_or_build(settings: Settings, options: DatasetOptions, *, cache_dir: Pat
     root = (cache_dir or settings.cache_dir / "datasets") / digest
     if (root / "meta.json").is_file():
         return load_prepared(root)
-    events = list(read_events(settings, options, ranges))
+    stats = ReadStats()
+    events = list(read_events(settings, options, ranges, stats))
     tokenizer = build_tower(options.base_model, max_seq_length=options.max_seq_length).tokenizer
     data = build_examples(events, options, tokenizer)
     data.meta.update({"fingerprint": digest, "options": options.model_dump(mode="json"),
-                      "topics": [settings.topic(k) for k in TOPIC_KINDS], "events": len(events)})
+                      "topics": [settings.topic(k) for k in TOPIC_KINDS], "events": len(events),
+                      "invalid_records": {settings.topic(k): stats.invalid[settings.topic(k)] for k in TOPIC_KINDS},
+                      "duplicate_records": {settings.topic(k): stats.duplicates[settings.topic(k)] for k in TOPIC_KINDS}})
     tmp = root.with_name(f".{digest}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
