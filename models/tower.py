@@ -134,6 +134,9 @@ def build_tower(
         raise ModelError(f"base model {base_model!r} has no fast tokenizer; the ONNX runtime needs one")
     if tokenizer.pad_token is None:  # causal LMs: padding is masked out of pooling, any token will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # Right padding: left-padded causal attention has query rows that see no key at all, a known source of
+    # NaN gradients in fused GPU attention kernels (SmolLM2's tokenizer pads left); pooling reads the mask either way.
+    tokenizer.padding_side = "right"
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     hidden = transformer.get_embedding_dimension()
