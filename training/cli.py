@@ -118,7 +118,7 @@ def evaluate(
     except _errors() as exc:
         raise fail(str(exc)) from None
     console.print(table, markup=False, highlight=False)
-    console.print(f"written to {out / 'evaluation.md'} and {out / 'recall_by_width.png'}")
+    console.print(f"written to {out / 'evaluation.md'}, {out / 'evaluation.json'} and {out / 'recall_by_width.png'}")
 
 
 @app.command("export")

@@ -12,6 +12,7 @@ before the window, users without an engagement before it.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,5 +330,8 @@ def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, 
     table = markdown(rows, ev) + "".join(f"\n{n}" for n in notes) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "evaluation.md").write_text(table)
+    (out_dir / "evaluation.json").write_text(json.dumps(
+        {"split": split, "queries": len(ev.queries), "slices": {n: int(m.sum()) for n, m in ev.slices.items()}, "notes": notes,
+         "rows": [{"method": r.method, "width": r.width, "results": r.results} for r in rows]}, indent=1))
     plot_recall_by_width(rows, out_dir / "recall_by_width.png")
     return table, rows
