@@ -102,7 +102,7 @@ class Retriever:
         try:
             return read()
         except redis.RedisError as exc:
-            raise ServiceUnavailable(f"Redis at {self.settings.redis_url} failed: {exc}", public="Redis failed to answer") from None
+            raise ServiceUnavailable(f"Redis at {self.settings.redis_url_masked} failed: {exc}", public="Redis failed to answer") from None
 
     def encoder(self, version: str) -> Encoder:
         """The encoder of ``version``: ``settings.model_dir`` when it holds that version, else the model

@@ -64,7 +64,7 @@ def latest_items(settings: Settings, poll_ms: int = 1000) -> dict[str, ItemEvent
     from kafka import KafkaConsumer, TopicPartition
 
     topic = settings.topic("items")
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None,
+    consumer = KafkaConsumer(**settings.kafka_client_config(), enable_auto_commit=False, group_id=None,
                              client_id="onetower-reindex")
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]

@@ -101,8 +101,9 @@ class Settings(BaseSettings):
         return self
 
     def kafka_client_config(self) -> dict[str, Any]:
-        """Security arguments for every kafka-python client (``KafkaConsumer(**settings.kafka_client_config(), ...)``)."""
-        config: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        """Address and security arguments for every kafka-python client (``KafkaConsumer(**settings.kafka_client_config(), ...)``):
+        one place, so no client can connect without the credentials."""
+        config: dict[str, Any] = {"bootstrap_servers": self.kafka_bootstrap, "security_protocol": self.kafka_security_protocol}
         if self.kafka_security_protocol.startswith("SASL_"):
             config.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
                           sasl_plain_password=self.kafka_sasl_password.get_secret_value())

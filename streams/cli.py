@@ -211,7 +211,7 @@ def quarantine_list() -> None:
             for entity, reason in sorted(store.quarantined(kind).items()):
                 table.add_row(kind, entity, reason)
     except redis.RedisError as exc:
-        raise fail(f"Redis at {store.settings.redis_url} failed: {exc}") from None
+        raise fail(f"Redis at {store.settings.redis_url_masked} failed: {exc}") from None
     console.print(table)
 
 
@@ -227,7 +227,7 @@ def quarantine_retry(
     try:
         queued = {k: store.retry_quarantined(k, ids or None) for k in ((kind,) if kind else ("items", "users"))}
     except redis.RedisError as exc:
-        raise fail(f"Redis at {store.settings.redis_url} failed: {exc}") from None
+        raise fail(f"Redis at {store.settings.redis_url_masked} failed: {exc}") from None
     console.print(", ".join(f"{len(v)} {k}" for k, v in queued.items()) + " queued for re-encoding")
 
 

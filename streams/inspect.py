@@ -9,7 +9,7 @@ from onetower.settings import TOPIC_KINDS, Settings
 
 def topic_counts(settings: Settings) -> dict[str, int]:
     """Records per topic (end minus beginning offsets over all partitions); 0 for a missing topic."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, bootstrap_timeout_ms=10_000)
+    consumer = KafkaConsumer(**settings.kafka_client_config(), bootstrap_timeout_ms=10_000)
     try:
         counts = {}
         for kind in TOPIC_KINDS:
@@ -26,8 +26,8 @@ def group_lag(settings: Settings, group: str, kinds: tuple[str, ...] = ("items",
     """Records of ``kinds`` not yet committed by consumer group ``group`` (all records when it has no offsets)."""
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, bootstrap_timeout_ms=10_000)
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, bootstrap_timeout_ms=10_000)
+    admin = KafkaAdminClient(**settings.kafka_client_config(), bootstrap_timeout_ms=10_000)
+    consumer = KafkaConsumer(**settings.kafka_client_config(), bootstrap_timeout_ms=10_000)
     try:
         committed = admin.list_group_offsets(group).get(group, {})
         tps = [TopicPartition(settings.topic(kind), p) for kind in kinds

@@ -22,7 +22,7 @@ class EventProducer:
         self.settings = settings
         try:
             self._producer = KafkaProducer(
-                bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=linger_ms,
+                **settings.kafka_client_config(), acks="all", linger_ms=linger_ms,
                 batch_size=batch_size, compression_type=None, enable_idempotence=True,
                 request_timeout_ms=15_000, bootstrap_timeout_ms=10_000,
                 max_block_ms=15_000,

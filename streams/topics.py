@@ -22,7 +22,7 @@ class KafkaUnavailable(RuntimeError):
 
 def admin_client(settings: Settings) -> KafkaAdminClient:
     try:
-        return KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000, bootstrap_timeout_ms=10_000,
+        return KafkaAdminClient(**settings.kafka_client_config(), request_timeout_ms=10_000, bootstrap_timeout_ms=10_000,
                                 client_id="onetower-admin")
     except KafkaError:
         raise KafkaUnavailable(f"Kafka is unreachable at {settings.kafka_bootstrap} (is the stack up? `onetower stack up`)") from None
@@ -71,7 +71,7 @@ def delete_topics(settings: Settings) -> list[str]:
 def dead_letters(settings: Settings, poll_ms: int = 1000) -> Iterator[DeadLetter]:
     """Every dead letter, read without a consumer group to the DLQ's end offsets (partition by
     partition, oldest first); a record that is not a dead letter is skipped."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None,
+    consumer = KafkaConsumer(**settings.kafka_client_config(), enable_auto_commit=False, group_id=None,
                              client_id="onetower-dlq")
     try:
         topic = settings.topic("dlq")

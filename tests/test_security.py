@@ -48,10 +48,10 @@ def test_a_password_in_the_url_or_apart_opens_redis_and_is_never_shown(locked_re
 
 def test_kafka_security_reaches_kafka_python_and_faust() -> None:
     plain = Settings(_env_file=None)
-    assert plain.kafka_client_config() == {"security_protocol": "PLAINTEXT"} and broker_credentials(plain) is None
+    assert plain.kafka_client_config() == {"bootstrap_servers": plain.kafka_bootstrap, "security_protocol": "PLAINTEXT"} and broker_credentials(plain) is None
     sasl = Settings(_env_file=None, kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
                     kafka_sasl_username="app", kafka_sasl_password=SecretStr("pw"))
-    assert sasl.kafka_client_config() == {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+    assert sasl.kafka_client_config() == {"bootstrap_servers": sasl.kafka_bootstrap, "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
                                           "sasl_plain_username": "app", "sasl_plain_password": "pw"}
     aiokafka = credentials_to_aiokafka_auth(broker_credentials(sasl))
     assert {k: v for k, v in aiokafka.items() if k != "ssl_context"} == {

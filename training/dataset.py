@@ -99,7 +99,7 @@ class PointInTimeDataset:
 
 def _consumer(settings: Settings) -> KafkaConsumer:
     try:
-        return KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None,
+        return KafkaConsumer(**settings.kafka_client_config(), enable_auto_commit=False, group_id=None,
                              bootstrap_timeout_ms=10_000, request_timeout_ms=30_000, max_poll_records=5000,
                              fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
     except KafkaError:
