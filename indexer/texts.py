@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from models.errors import RenderError
 from models.render import PercentileTable, Tokenizer, render_item, render_user
 
 if TYPE_CHECKING:
@@ -41,10 +42,21 @@ def item_texts(store: StateStore, ids: Sequence[str],
     return item_state_texts(store.items(ids), store.percentile_tables() if tables is None else tables)
 
 
+def _renders(features: Mapping[str, Any]) -> bool:
+    try:
+        render_item(features, {})
+    except RenderError:
+        return False
+    return True
+
+
 def _features_by_id(store: StateStore, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Features of the known, non-deleted items among ``item_ids`` (one Redis round trip)."""
+    """Features of the known, non-deleted items among ``item_ids`` (one Redis round trip); an item whose
+    features cannot be rendered (quarantined on its own) is left out of histories rather than poisoning
+    every user who engaged with it."""
     unique = list(dict.fromkeys(item_ids))
-    return {st.item_id: st.features for st in store.items(unique) if st and st.features and not st.deleted}
+    return {st.item_id: st.features for st in store.items(unique)
+            if st and st.features and not st.deleted and _renders(st.features)}
 
 
 def user_text(store: StateStore, profile: Mapping[str, Any], history: Sequence[str], *,

@@ -253,3 +253,16 @@ def test_an_event_its_own_state_fails_is_rejected_alone_and_can_be_applied_after
     assert store.apply(events[1])  # the claim was released: the fixed replay applies it (once)
     assert not store.apply(events[1])
     assert [h.item_id for h in store.users(["broken"])[0].history] == ["i"]
+
+
+def test_an_unrenderable_item_is_left_out_of_its_users_texts(store: StateStore) -> None:
+    from indexer.texts import item_texts, user_texts
+
+    t = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    store.apply_many([ItemEvent(item_id=i, features={"title": f"Movie {i}"}, ts=t) for i in ("ok", "bad")]
+                     + [EngagementEvent(user_id="u", item_id=i, kind_="like", ts=t) for i in ("ok", "bad")])
+    store.r.hset(store._i("bad", "f"), "year", "NaN")  # stored before validation rejected NaN
+    (text,) = user_texts(store, ["u"])
+    assert "Movie ok" in text and "Movie bad" not in text
+    with pytest.raises(ValueError, match="year"):  # the item itself still fails, and is quarantined by the refresher
+        item_texts(store, ["bad"])
