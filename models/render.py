@@ -13,6 +13,12 @@ percentile buckets 1-100 wrapped in ``[PCT]...[/PCT]`` (the paper's best format)
 ablation, raw counts after the counter's marker. Marker strings inside values are removed, so a
 title cannot forge a field. A user's history is the positively engaged items, oldest first; when the
 text would overflow the token budget the oldest items are dropped.
+
+Append-only rule (``models/incremental.py`` relies on it): nothing is rendered after the history, and
+every history entry starts with the ``[ITEM]`` special token, at which tokenizers split. So the tokens
+of a user's text with one more entry start with the tokens of the text before it, token for token
+(BOS at the start only; LLaMA-style tokenizers append no EOS). The rule breaks, by design, when the
+profile changes or the token budget drops the oldest entries; the incremental encoder then encodes in full.
 """
 
 from __future__ import annotations

@@ -1,0 +1,131 @@
+"""Incremental re-encoding (models/incremental.py) and the append-only rendering it relies on, on a tiny
+LLaMA with SmolLM2's real tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+from sentence_transformers import SentenceTransformer
+
+from models.encoder import TorchEncoder
+from models.errors import ModelError
+from models.incremental import IncrementalEncoder
+from models.render import render_user
+from models.samples import movie_features, sample_users
+from models.testing import tiny_llama
+from models.tower import build_tower
+
+MIN_COSINE = 0.9999
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module", params=[512, 32], ids=["dense", "truncate"])
+def tower(llama: Path, request: pytest.FixtureRequest) -> SentenceTransformer:
+    """Hidden size 64: a 512-d tower projects (Dense), a 32-d one truncates."""
+    return build_tower(str(llama), dim=request.param, max_seq_length=256)
+
+
+def tokens(tower: SentenceTransformer, text: str) -> list[int]:
+    return tower.tokenizer([text], add_special_tokens=True)["input_ids"][0]
+
+
+def user(n: int = 14) -> tuple[dict, list[dict]]:
+    profile, history = sample_users(1, seed=3, history=(n, n))[0]
+    return profile, history
+
+
+def sample(tower: SentenceTransformer, profile: dict, history: list[dict], max_tokens: int | None = None) -> str:
+    return render_user(profile, history, tokenizer=tower.tokenizer, max_tokens=max_tokens)
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sum(a * b, axis=1).min())
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_rendering_is_append_only_token_for_token(tower: SentenceTransformer) -> None:
+    profile, history = user()
+    bos = tower.tokenizer.bos_token_id
+    for k in range(len(history)):
+        before, after = tokens(tower, sample(tower, profile, history[:k])), tokens(tower, sample(tower, profile, history[: k + 1]))
+        assert after[: len(before)] == before
+        assert before[0] == bos and bos not in after[1:]  # BOS at the start only, and no EOS appended
+        assert after[-1] != tower.tokenizer.eos_token_id
+
+
+def test_a_trimmed_history_breaks_the_prefix(tower: SentenceTransformer) -> None:
+    profile, history = user()
+    budget = len(tokens(tower, sample(tower, profile, history[:6])))
+    before = tokens(tower, sample(tower, profile, history[:6], budget))
+    after = tokens(tower, sample(tower, profile, history[:7], budget))
+    assert after[: len(before)] != before  # the oldest entry was dropped to make room
+
+
+def test_appends_equal_the_full_encode_and_compute_only_new_tokens(tower: SentenceTransformer) -> None:
+    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+    profiles, histories = zip(*sample_users(3, seed=5, history=(4, 8)))
+    ids = [f"u{i}" for i in range(3)]
+    hits, computed, whole = (metric(n) for n in ("onetower_incremental_hits_total", "onetower_incremental_tokens_computed_total",
+                                                 "onetower_incremental_tokens_full_total"))
+    for step in range(4):
+        texts = [sample(tower, p, [*h, *(movie_features(j) for j in range(step))]) for p, h in zip(profiles, histories)]
+        got = encoder.encode_users(ids, texts)
+        assert min_cosine(got, full.encode(texts)) >= MIN_COSINE
+    assert metric("onetower_incremental_hits_total") - hits == 9
+    assert metric("onetower_incremental_tokens_computed_total") - computed < (metric("onetower_incremental_tokens_full_total") - whole) / 2
+
+
+@pytest.mark.parametrize("change", ["profile", "trimmed", "version"])
+def test_a_changed_prefix_re_encodes_in_full(tower: SentenceTransformer, change: str) -> None:
+    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+    profile, history = user()
+    budget = len(tokens(tower, sample(tower, profile, history[:6])))
+    encoder.encode_users(["u"], [sample(tower, profile, history[:6], budget)])
+    reason = "diverged"
+    if change == "profile":
+        profile = {**profile, "age": 99}
+    elif change == "version":
+        encoder.version, reason = "v2", "version"
+    text = sample(tower, profile, history[:7], budget if change == "trimmed" else None)
+    misses = metric("onetower_incremental_misses_total", reason=reason)
+    assert min_cosine(encoder.encode_users(["u"], [text]), full.encode([text])) >= MIN_COSINE
+    assert metric("onetower_incremental_misses_total", reason=reason) == misses + 1
+    assert encoder.cache["u"].version == encoder.version  # repopulated
+
+
+def test_an_unchanged_text_costs_no_tokens(tower: SentenceTransformer) -> None:
+    encoder = IncrementalEncoder(tower, version="v1")
+    text = sample(tower, *user(4))
+    first = encoder.encode_users(["u"], [text])
+    computed = metric("onetower_incremental_tokens_computed_total")
+    assert np.array_equal(encoder.encode_users(["u"], [text]), first)
+    assert metric("onetower_incremental_tokens_computed_total") == computed
+
+
+def test_the_cache_stays_within_its_byte_bound(tower: SentenceTransformer) -> None:
+    texts = [sample(tower, *user(4 + i)) for i in range(4)]
+    one = IncrementalEncoder(tower, version="v1")
+    one.encode_users(["u"], texts[-1:])
+    largest = one.cache_bytes
+    bounded = IncrementalEncoder(tower, version="v1", max_bytes=2 * largest)
+    bounded.encode_users([f"u{i}" for i in range(4)], texts)
+    assert 0 < bounded.cache_bytes <= 2 * largest
+    assert list(bounded.cache) == ["u2", "u3"]  # least recently used evicted first
+    tiny = IncrementalEncoder(tower, version="v1", max_bytes=largest // 2)
+    assert tiny.encode_users(["u"], texts[-1:]).shape == (1, tower.get_embedding_dimension())
+    assert len(tiny.cache) == 0  # larger than the whole cache: encoded, not kept
+
+
+def test_a_bidirectional_tower_is_refused() -> None:
+    with pytest.raises(ModelError, match="causal"):
+        IncrementalEncoder(build_tower("minilm"), version="v1")
