@@ -75,7 +75,7 @@ class Retriever:
                                                         max_tokens=encoder.max_seq_length)[0])
             vector = encoder.encode([text])[0]
         seen = self._state(lambda: self.store.engaged_items(user_id)) if exclude_seen else set()
-        return self._search(version, vector, k, seen, filter, cold)
+        return self.search(version, vector, k, seen, filter, cold)
 
     def candidates_for(self, features: Mapping[str, Any], history: Sequence[str], k: int,
                        exclude_seen: bool = True, filter: str | None = None) -> CandidateResult:
@@ -85,10 +85,11 @@ class Retriever:
         encoder = self.encoder(version)
         text = self._state(lambda: user_text(self.store, features, history, tokenizer=encoder.tokenizer,
                                              max_tokens=encoder.max_seq_length))
-        return self._search(version, encoder.encode([text])[0], k, set(history) if exclude_seen else set(), filter, True)
+        return self.search(version, encoder.encode([text])[0], k, set(history) if exclude_seen else set(), filter, True)
 
-    def _search(self, version: str, vector: np.ndarray, k: int, seen: set[str], filter: str | None,
-                cold: bool) -> CandidateResult:
+    def search(self, version: str, vector: np.ndarray, k: int, seen: set[str], filter: str | None,
+               cold: bool) -> CandidateResult:
+        """Top-``k`` of ``version`` for a user vector, ``seen`` dropped: serving's rule, shared with live recall."""
         hits = self.index.search_items(vector, min(k + len(seen), MAX_TOPK), filter=filter, version=version)
         items = [(hit.id, hit.score) for hit in hits if hit.id not in seen][:k]
         return CandidateResult(version=version, items=items, cold_start=cold)

@@ -19,6 +19,9 @@ app = typer.Typer()
 def reindex(
     model: Optional[Path] = typer.Option(None, "--model", help="model artifact directory [default: ONETOWER_MODEL_DIR, else the shipped tuned tower]"),
     restart: bool = typer.Option(False, help="drop a half-built copy of this version and start clean instead of resuming"),
+    live_recall_gate: int = typer.Option(0, help="promote only if live recall@10 of the new version is not below the active "
+                                                 "one's over this many engagements scored in both (0: no check)"),
+    live_recall_wait: float = typer.Option(900.0, help="seconds to wait for those engagements to be scored"),
 ) -> None:
     """Encode every item and user with a model into new collections, check them, then swap the aliases."""
     from indexer.reindex import ReindexError
@@ -31,13 +34,41 @@ def reindex(
     settings = get_settings()
     try:
         model = model or settings.model_dir or served_artifact(settings.state_dir / "models")
-        report = run(settings, model, restart=restart, show_progress=True)
+        report = run(settings, model, restart=restart, show_progress=True, live_recall_gate=live_recall_gate,
+                     live_recall_wait_s=live_recall_wait)
     except (ReindexError, IndexUnavailable, VersionError, ModelError) as exc:
         raise fail(str(exc)) from None
     console.print(f"version [bold]{report.version}[/] active: {report.items} items (from {report.item_source}), "
                   f"{report.users} users{' (resumed)' if report.resumed else ''}; previous: {report.previous or 'none'}"
                   + ("" if report.indexed else "; the HNSW index was still building at the swap")
-                  + (f"; dropped {', '.join(report.dropped)}" if report.dropped else ""))
+                  + (f"; dropped {', '.join(report.dropped)}" if report.dropped else "")
+                  + (f"; {report.live_recall}" if report.live_recall else ""))
+
+
+@app.command()
+def quality(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """Live recall per model version and window, with popularity ranked on the same engagements."""
+    import redis
+
+    from indexer.live_recall import KS, figures
+    from streams.state import StateStore
+
+    settings = get_settings()
+    try:
+        rows = figures(StateStore.from_settings(settings))
+    except redis.RedisError as exc:
+        raise fail(f"Redis at {settings.redis_url_masked} failed: {exc}") from None
+    if as_json:
+        print(json.dumps([{"version": f.version, "window": f.window, "scored": f.scored,
+                           "recall": {str(k): v for k, v in f.recall.items()},
+                           "popularity": {str(k): v for k, v in f.popularity.items()}} for f in rows]))
+        return
+    table = Table("version", "window", "scored", *(f"R@{k}" for k in KS), *(f"pop R@{k}" for k in KS),
+                  title="live recall (engaged item among the candidates just before the engagement)")
+    for f in rows:
+        table.add_row(f.version, f.window, str(f.scored), *(f"{f.recall[k]:.3f}" for k in KS),
+                      *(f"{f.popularity[k]:.3f}" for k in KS))
+    console.print(table)
 
 
 @app.command()

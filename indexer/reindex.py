@@ -10,6 +10,10 @@ Steps (each recorded in the version's metadata record, so a restart knows where 
    changes that streamed in during the first.
 3. Check: stored counts equal what the last pass saw, and a sample of stored vectors equals a fresh
    encoding of the same texts. Flush and wait for the HNSW index, mark ``ready``.
+With ``live_recall_gate`` N > 0, between 3 and 4 the workers' shadow scoring must show the new
+version's live recall@10 not below the active one's on N engagements scored in both (waiting up to
+``live_recall_wait_s``); otherwise the version stays ``ready`` and the aliases stay.
+
 4. Swap both aliases (``VectorIndex.activate``: intent recorded first, rolled forward after a crash),
    sync once more (changes between step 2 and the swap), mark ``active``. The old version stays as
    the previous one for ``onetower rollback`` until ``reindex_grace_s`` has passed.
@@ -56,6 +60,7 @@ class ReindexReport:
     item_source: str  # "redis" or "kafka"
     indexed: bool  # the HNSW index covered every row before the swap
     dropped: list[str] = field(default_factory=list)
+    live_recall: str | None = None  # the promotion check's figures, when one was required
 
 
 def latest_items(settings: Settings, poll_ms: int = 1000) -> dict[str, ItemEvent]:
@@ -115,8 +120,10 @@ class Reindexer:
         self.store = store or StateStore.from_settings(settings)
         self.show_progress = show_progress
         self._rng = random.Random(0)
+        self.gate_figures: str | None = None
 
-    def run(self, model_dir: Path, *, restart: bool = False) -> ReindexReport:
+    def run(self, model_dir: Path, *, restart: bool = False, live_recall_gate: int = 0,
+            live_recall_wait_s: float = 900.0) -> ReindexReport:
         index, version = self.index, self.version
         index.recover()
         if index.active_version() == version:
@@ -145,6 +152,8 @@ class Reindexer:
         index.record_version(version, state="ready", items=items.seen, users=users.seen)
 
         previous = index.active_version()
+        if live_recall_gate > 0 and previous is not None:
+            self._gate(previous, live_recall_gate, live_recall_wait_s)
         index.activate(version)
         self._sync(items)  # what changed between the last pass and the swap
         self._sync(users)
@@ -152,7 +161,22 @@ class Reindexer:
                              items=items.seen, users=users.seen)
         dropped += index.collect_garbage(self.settings.reindex_grace_s)
         return ReindexReport(version=version, previous=previous, items=items.seen, users=users.seen,
-                             resumed=resumed, item_source=source, indexed=indexed, dropped=dropped)
+                             resumed=resumed, item_source=source, indexed=indexed, dropped=dropped,
+                             live_recall=self.gate_figures)
+
+    def _gate(self, active: str, n: int, wait_s: float) -> None:
+        """Refuse the swap unless live recall says the new version is not worse (see the module docstring)."""
+        from indexer.live_recall import promotion_check
+
+        result = promotion_check(self.store, self.version, active, n, wait_s)
+        figures = (f"live recall@{result.k} {result.candidate_recall:.3f} ({self.version}) vs {result.active_recall:.3f} "
+                   f"({active}) on {result.engagements} engagements")
+        if result.engagements < n:
+            raise ReindexError(f"not promoted: only {result.engagements} of {n} engagements scored in both versions "
+                               f"within {wait_s:.0f}s ({figures}); {self.version} stays ready")
+        if not result.passed:
+            raise ReindexError(f"not promoted: {figures}; {self.version} stays ready")
+        self.gate_figures = figures
 
     def _items(self) -> tuple[_Kind, str]:
         """Items from Redis, or from the items topic when Redis holds none."""
@@ -233,7 +257,8 @@ def _attrs(state: ItemState | UserState) -> dict[str, Any]:
     return dict(state.features) if isinstance(state, ItemState) else dict(state.profile)
 
 
-def reindex(settings: Settings, model_dir: Path, *, restart: bool = False, show_progress: bool = False) -> ReindexReport:
+def reindex(settings: Settings, model_dir: Path, *, restart: bool = False, show_progress: bool = False,
+            live_recall_gate: int = 0, live_recall_wait_s: float = 900.0) -> ReindexReport:
     """Re-index every item and user with the model in ``model_dir`` and activate it (module docstring)."""
     from models.errors import ModelError
 
@@ -241,7 +266,8 @@ def reindex(settings: Settings, model_dir: Path, *, restart: bool = False, show_
         encoder = Encoder.load(model_dir)
     except ModelError as exc:
         raise ReindexError(str(exc)) from None
-    return Reindexer(settings, encoder, show_progress=show_progress).run(model_dir, restart=restart)
+    return Reindexer(settings, encoder, show_progress=show_progress).run(
+        model_dir, restart=restart, live_recall_gate=live_recall_gate, live_recall_wait_s=live_recall_wait_s)
 
 
 def rollback(settings: Settings) -> tuple[str, str | None]:

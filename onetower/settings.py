@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     recent_impressions_len: int = Field(default=100, ge=1, description="recent impressions kept per user (features, debugging)")
     refresh_lease_s: float = Field(default=30.0, gt=0.0, description="a popped dirty entity returns to the queue if not acknowledged within this")
     percentile_refresh_s: float = Field(default=300.0, gt=0.0, description="how often the worker refits the popularity percentile tables")
+    live_recall_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0, description="share of engagements scored for live recall (0: off)")
 
     # Serving
     api_host: str = "127.0.0.1"

@@ -27,6 +27,19 @@ QUARANTINED = Counter("onetower_quarantined_total", "entities set aside because 
                       ["kind"])
 REFRESH_ERRORS = Counter("onetower_refresh_errors_total", "refresher steps that failed unexpectedly (retried)")
 MILVUS_ERRORS = Counter("onetower_milvus_errors_total", "Milvus calls that failed (the batch is retried later)")
+LIVE_RECALL = Gauge("onetower_live_recall", "share of scored engagements whose item ranked within k just before "
+                    "(shared Redis windows), per model version, window, k and ranker (model, popularity)",
+                    ["version", "window", "k", "ranker"])
+LIVE_RECALL_WINDOW_SCORED = Gauge("onetower_live_recall_window_scored", "engagements scored within the window",
+                                  ["version", "window"])
+LIVE_RECALL_RANK = Histogram("onetower_live_recall_rank", "rank of the engaged item among the version's candidates "
+                             "just before (101 = beyond 100)", ["version"], buckets=(1, 5, 10, 20, 50, 100, float("inf")))
+LIVE_RECALL_SCORED = Counter("onetower_live_recall_scored_total", "engagements scored by this worker, per version", ["version"])
+LIVE_RECALL_SKIPPED = Counter("onetower_live_recall_skipped_total", "sampled engagements not scored, by reason "
+                              "(seen, no_vector, backlog)", ["reason"])
+LIVE_RECALL_ERRORS = Counter("onetower_live_recall_errors_total", "live recall scoring failures (the events are applied)")
+LIVE_RECALL_SECONDS = Histogram("onetower_live_recall_seconds", "time to score one engagement in every version",
+                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
 
 
 def serve(port: int) -> int:

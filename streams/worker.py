@@ -17,6 +17,7 @@ import asyncio
 import logging
 import ssl
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
@@ -25,10 +26,11 @@ import faust
 import redis
 from faust.types import EventT
 
-from indexer.vectors import IndexUnavailable
+from indexer.live_recall import LiveRecall, Probe, publish
+from indexer.vectors import IndexUnavailable, VectorIndex
 from onetower.settings import Settings
 from streams import metrics
-from streams.events import ORIGIN_HEADER, DeadLetter, Event, InvalidEvent, Origin, parse_event
+from streams.events import ORIGIN_HEADER, DeadLetter, EngagementEvent, Event, InvalidEvent, Origin, parse_event
 from streams.refresher import Refresher
 from streams.state import StateStore, rejected
 from streams.topics import ensure_topics
@@ -42,6 +44,8 @@ REDIS_RETRY_S = 0.5
 LAG_EVERY_S = 5.0
 REFRESHER_RETRY_S = 1.0
 IDLE_SLEEP_S = 0.05  # refresher pause when nothing was dirty (bounds idle Redis polling)
+LIVE_RECALL_PUBLISH_S = 15.0
+LIVE_RECALL_BACKLOG = 64  # agent batches waiting to be scored; past it, samples are dropped (and counted)
 
 T = TypeVar("T")
 
@@ -70,10 +74,13 @@ class EventApplier:
     stops the agent. Only Redis being unavailable stops progress, and then the batch is retried."""
 
     def __init__(self, store: StateStore, send_dlq: Callable[[bytes | None, bytes], Awaitable[Any]],
-                 pool: ThreadPoolExecutor) -> None:
+                 pool: ThreadPoolExecutor, scorer: LiveRecall | None = None) -> None:
         self.store = store
         self.send_dlq = send_dlq
         self.pool = pool
+        self.scorer = scorer
+        self._score_pool = ThreadPoolExecutor(1, thread_name_prefix="live-recall")
+        self._backlog = threading.BoundedSemaphore(LIVE_RECALL_BACKLOG)
 
     async def handle(self, kind: str, records: Sequence[EventT]) -> None:
         valid: list[tuple[Event, EventT]] = []
@@ -87,6 +94,8 @@ class EventApplier:
                 log.exception("parsing failed unexpectedly")
                 dead.append((rec, f"parsing failed: {type(exc).__name__}: {exc}"))
         if valid:
+            if self.scorer is not None and kind == "engagements":
+                await self._score(self.scorer, [ev for ev, _ in valid if isinstance(ev, EngagementEvent)])
             results = await self._apply([ev for ev, _ in valid])
             for (ev, rec), res in zip(valid, results):
                 if isinstance(res, Exception):
@@ -102,6 +111,29 @@ class EventApplier:
             metrics.DLQ.labels(kind).inc()
             log.warning("dead-lettered", extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
                                                 "reason": reason})
+
+    async def _score(self, scorer: LiveRecall, events: list[EngagementEvent]) -> None:
+        """Live recall: snapshot what serving saw before these events are applied, then rank off the
+        event path. Nothing here can fail or hold up the batch beyond the snapshot's round trips."""
+        try:
+            probes = await asyncio.get_running_loop().run_in_executor(self.pool, scorer.snapshot, events)
+        except Exception as exc:
+            scorer.failed(exc)
+            return
+        if not probes:
+            return
+        if not self._backlog.acquire(blocking=False):
+            metrics.LIVE_RECALL_SKIPPED.labels("backlog").inc(len(probes))
+            return
+        self._score_pool.submit(self._rank, scorer, probes)
+
+    def _rank(self, scorer: LiveRecall, probes: list[Probe]) -> None:
+        try:
+            scorer.score(probes)
+        except Exception as exc:
+            scorer.failed(exc)
+        finally:
+            self._backlog.release()
 
     async def _apply(self, events: list[Event]) -> list[bool | Exception]:
         """Apply in one round trip (an event its own data fails gets its error in its place); if the
@@ -180,7 +212,8 @@ def build_app(settings: Settings, refresher: Refresher | None, store: StateStore
         fut = await dlq.send(key=key, value=value)
         await fut  # delivered before the source record may be acknowledged
 
-    applier = EventApplier(store, send_dlq, ThreadPoolExecutor(len(KINDS), thread_name_prefix="apply"))
+    scorer = LiveRecall(settings, VectorIndex(settings), store) if settings.live_recall_sample_rate > 0 else None
+    applier = EventApplier(store, send_dlq, ThreadPoolExecutor(len(KINDS), thread_name_prefix="apply"), scorer)
 
     def agent_for(kind: str) -> None:
         topic = app.topic(settings.topic(kind), key_serializer="raw", value_serializer="raw")
@@ -215,6 +248,15 @@ def build_app(settings: Settings, refresher: Refresher | None, store: StateStore
             metrics.LAG.remove(*labels)
         reported.clear()
         reported.update(held)
+
+    if scorer is not None:
+        @app.timer(LIVE_RECALL_PUBLISH_S)
+        async def report_live_recall() -> None:
+            """The live recall gauges, from the windows every worker shares in Redis."""
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, publish, store)
+            except redis.RedisError as exc:
+                log.warning("live recall figures not read", extra={"error": str(exc)})
 
     if refresher is not None:
         pool = ThreadPoolExecutor(1, thread_name_prefix="refresh")
