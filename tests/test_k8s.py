@@ -509,3 +509,23 @@ def test_build_context_holds_what_the_images_copy(dockerfile):
                 source = source.replace("${MODEL_DIR}", "docker/no-model")
                 assert (ROOT / source).exists(), f"{dockerfile}: COPY {source}: missing from the repository"
                 assert source in included, f"{dockerfile}: COPY {source}: excluded by .dockerignore"
+
+
+def _exported_names() -> set[str]:
+    """Every series name the worker's metrics export (a counter adds _total, a histogram _bucket/_sum/_count)."""
+    import streams.refresher  # noqa: F401 (registers its metrics)
+    from prometheus_client import REGISTRY
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {fam.name + s for fam in REGISTRY.collect() for s in suffixes.get(fam.type, ())}
+
+
+def test_grafana_dashboard_parses_and_shows_only_exported_metrics():
+    import json
+
+    dashboard = json.loads((K8S / "grafana" / "onetower-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\bonetower_[a-z_]+", e)}
+    assert used - _exported_names() == set()
+    assert {"onetower_live_recall", "onetower_live_recall_rank_bucket", "onetower_freshness_seconds_bucket",
+            "onetower_consumer_lag"} <= used
