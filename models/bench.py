@@ -1,4 +1,5 @@
-"""Encoder benchmark: speed of torch vs ONNX fp32 vs ONNX int8 on MovieLens-like texts, against this machine's peak.
+"""Encoder benchmark: speed of torch vs ONNX fp32 vs ONNX int8 on MovieLens-like texts, against this machine's peak;
+and (``run_incremental``) full vs incremental re-encoding of users after one new history entry.
 
 Prints figures side by side and writes them as JSON (and a PNG); it asserts nothing. Achieved GFLOP/s
 counts 2 x non-embedding parameters per real token (attention's own matmuls left out), so it is a
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,7 +27,7 @@ from models.artifact import ModelArtifact, export_artifact
 from models.encoder import Encoder, TorchEncoder, padding_fraction, plan_batches
 from models.errors import ArtifactError
 from models.render import render_item, render_user
-from models.samples import sample_items, sample_users
+from models.samples import MOVIES, movie_features, sample_items, sample_users
 from models.tower import build_tower
 from onetower.settings import get_settings
 
@@ -265,4 +267,83 @@ def run(
     _plot(cells, out / "bench_encoder.png")
     console.print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     console.print(f"wrote {out / 'bench_encoder.json'} and {out / 'bench_encoder.png'}")
+    return result
+
+
+@dataclass
+class IncrementalCell:
+    path: str
+    users: int
+    seconds: float
+    users_per_s: float
+    tokens_per_user: float
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+    cache_bytes_per_user: float | None = None
+
+
+def incremental_texts(tokenizer, users: int, *, history_tokens: int = 250, entry_tokens: int = 30,
+                      seed: int = 11) -> tuple[list[str], list[str]]:
+    """(before, after) user texts: a history of about ``history_tokens``, then one more entry of about
+    ``entry_tokens`` (the longest-rendering movies, so the entry is near that size)."""
+    rng = random.Random(seed)
+    size = {i: len(tokenizer(render_item(movie_features(i)), add_special_tokens=False)["input_ids"]) for i in range(len(MOVIES))}
+    long = sorted(size, key=lambda i: abs(size[i] - entry_tokens))[:10]
+    before, after = [], []
+    for profile, _ in sample_users(users, seed=seed, history=(0, 0)):
+        history: list[dict] = []
+        while len(tokenizer(render_user(profile, history))["input_ids"]) < history_tokens:
+            history.append(movie_features(rng.randrange(len(MOVIES))))
+        before.append(render_user(profile, history))
+        after.append(render_user(profile, [*history, movie_features(rng.choice(long))]))
+    return before, after
+
+
+def _timed(fn) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def run_incremental(out: Path, *, base: str = "smollm2", users: int = 16, threads: int | None = None,
+                    console: Console | None = None) -> dict:
+    """Full vs incremental re-encoding of users after one new entry, side by side in one run; writes
+    ``bench_incremental.json`` under ``out``. The full path is the torch tower batched by token budget;
+    the incremental one runs only the new entry's tokens on cached keys/values (primed untimed first)."""
+    from models.incremental import IncrementalEncoder
+
+    console = console or Console()
+    if threads:
+        torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    tower = build_tower(base, dim=get_settings().embedding_dim, max_seq_length=512)
+    before, after = incremental_texts(tower.tokenizer, users)
+    ids = [f"u{i}" for i in range(users)]
+    full, incremental = TorchEncoder(tower, version=base), IncrementalEncoder(tower, version=base)
+    full.encode(after[:2])  # warm-up
+    reference, full_s = _timed(lambda: full.encode(after))
+    incremental.encode_users(ids, before)  # prime the cache: each user's history encoded once, untimed
+    got, inc_s = _timed(lambda: incremental.encode_users(ids, after))
+    cos = np.sum(reference * got, axis=1)
+    full_tokens = float(np.mean([len(x) for x in full.tokenize(after)]))
+    new_tokens = full_tokens - float(np.mean([len(x) for x in full.tokenize(before)]))
+    cells = [
+        IncrementalCell("full (torch, batched)", users, full_s, users / full_s, full_tokens),
+        IncrementalCell("incremental (torch, KV cache)", users, inc_s, users / inc_s, new_tokens, round(float(cos.min()), 6),
+                        round(float(cos.mean()), 6), incremental.cache_bytes / users),
+    ]
+    table = Table(title=f"re-encoding a user after one new entry: {base}, {users} users, {torch.get_num_threads()} threads")
+    for col in ("path", "users/s", "ms/user", "tokens computed/user", "min cos vs full", "mean cos", "cache bytes/user"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    for c in cells:
+        table.add_row(c.path, f"{c.users_per_s:.2f}", f"{1e3 * c.seconds / c.users:.0f}", f"{c.tokens_per_user:.0f}",
+                      _fmt(c.min_cosine, ".6f"), _fmt(c.mean_cosine, ".6f"),
+                      "-" if c.cache_bytes_per_user is None else f"{c.cache_bytes_per_user / 2**20:.1f} MiB")
+    console.print(table)
+    console.print(f"incremental / full: {full_s / inc_s:.1f}x users/s; load average before/after "
+                  f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    result = {"base": base, "threads": torch.get_num_threads(), "load_average_before": load_before,
+              "load_average_after": os.getloadavg(), "speedup": full_s / inc_s, "cells": [asdict(c) for c in cells]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_incremental.json").write_text(json.dumps(result, indent=2))
     return result

@@ -77,12 +77,19 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="MiniLM only, batch 1 and 32, short cells: a smoke run"),
     base: Optional[list[str]] = typer.Option(None, help="limit to these base models (repeatable)"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads for torch and onnxruntime [default: one per core]"),
+    incremental: bool = typer.Option(False, "--incremental", help="full vs incremental re-encoding of users after one new "
+                                     "entry (causal tower: --base, default smollm2)"),
+    users: int = typer.Option(16, min=1, help="users re-encoded per path with --incremental"),
 ) -> None:
-    """Encoder speed: torch vs ONNX fp32 vs int8, texts/s, tokens/s, latency, fraction of matmul peak."""
-    from models.bench import run
+    """Encoder speed: torch vs ONNX fp32 vs int8, texts/s, tokens/s, latency, fraction of matmul peak; or,
+    with --incremental, users/s of full vs incremental re-encoding."""
+    from models.bench import run, run_incremental
     from models.errors import ModelError
 
     try:
-        run(out, quick=quick, bases=base, threads=threads, console=console)
+        if incremental:
+            run_incremental(out, base=(base or ["smollm2"])[0], users=users, threads=threads, console=console)
+        else:
+            run(out, quick=quick, bases=base, threads=threads, console=console)
     except ModelError as exc:
         raise fail(str(exc)) from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -25,6 +26,8 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 from transformers import DynamicCache
 
+from models.artifact import ModelArtifact
+from models.encoder import plan_batches
 from models.errors import ModelError
 
 HITS = Counter("onetower_incremental_hits_total", "user re-encodes that reused cached keys/values")
@@ -47,6 +50,16 @@ def is_causal(tower: SentenceTransformer) -> bool:
     """Whether the tower's transformer attends causally (LLaMA-shaped), which the prefix reuse needs."""
     flags = [m.is_causal for m in tower[0].auto_model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
     return bool(flags) and all(flags)
+
+
+def for_artifact(path: Path, *, max_bytes: int | None = None) -> IncrementalEncoder | None:
+    """The incremental encoder over an artifact's torch tower; None when the tower cannot reuse prefixes
+    (bidirectional, or not mean pooled), so its users keep the full path."""
+    artifact = ModelArtifact.load(path)
+    tower = artifact.load_sentence_transformer()
+    if not is_causal(tower) or artifact.manifest.pooling != "mean":
+        return None
+    return IncrementalEncoder(tower, version=artifact.version, max_bytes=max_bytes)
 
 
 @dataclass
@@ -85,60 +98,93 @@ class IncrementalEncoder:
     def cache_bytes(self) -> int:
         return int(self.cache.currsize)
 
-    def encode_users(self, user_ids: Sequence[str], texts: Sequence[str]) -> np.ndarray:
-        """(len(texts), dim) unit vectors equal to the full encode's, computing only new tokens where cached."""
+    def encode_users(self, user_ids: Sequence[str], texts: Sequence[str], *, max_batch_tokens: int = 8192) -> np.ndarray:
+        """(len(texts), dim) unit vectors equal to the full encode's, computing only new tokens where cached.
+
+        Users are batched by the tokens they compute (``plan_batches``), so cached users' appends run
+        together and full encodes together."""
         if len(user_ids) != len(texts):
             raise ModelError(f"{len(user_ids)} user ids for {len(texts)} texts")
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length)["input_ids"]
-        rows = [self._encode_one(user_id, row) for user_id, row in zip(user_ids, ids)]
+        entries = [self._lookup(user_id, row) for user_id, row in zip(user_ids, ids)]
+        todo = [r for r, (entry, row) in enumerate(zip(entries, ids)) if len(row) > len(entry.ids)]
+        for batch in plan_batches([len(ids[r]) - len(entries[r].ids) for r in todo], max_batch_tokens):
+            rows = [todo[b] for b in batch]
+            for r, entry in zip(rows, self._extend([entries[r] for r in rows], [ids[r] for r in rows])):
+                entries[r] = entry
+        for user_id, entry in zip(user_ids, entries):
+            if entry.nbytes <= self.cache.maxsize:  # a user larger than the whole cache is encoded, not kept
+                self.cache[user_id] = entry
         CACHE_BYTES.set(self.cache.currsize)
         CACHE_USERS.set(len(self.cache))
-        return np.stack(rows) if rows else np.zeros((0, self.tower.get_embedding_dimension()), dtype=np.float32)
+        if not entries:
+            return np.zeros((0, self.tower.get_embedding_dimension()), dtype=np.float32)
+        return np.stack([entry.vector for entry in entries])
 
-    def _encode_one(self, user_id: str, ids: list[int]) -> np.ndarray:
+    def _lookup(self, user_id: str, ids: list[int]) -> Entry:
+        """The user's cached entry when ``ids`` extend it, else an empty one (counted as a miss)."""
         entry = self.cache.pop(user_id, None)
-        reason = self._miss_reason(entry, ids)
         TOKENS_FULL.inc(len(ids))
-        if reason is None:
-            HITS.inc()
-            entry = self._extend(entry, ids)
+        if entry is None:
+            reason = "absent"
+        elif entry.version != self.version:
+            reason = "version"
+        elif len(ids) < len(entry.ids) or not np.array_equal(entry.ids, ids[: len(entry.ids)]):
+            reason = "diverged"
         else:
-            MISSES.labels(reason).inc()
-            entry = self._extend(self._empty(), ids)
-        if entry.nbytes <= self.cache.maxsize:  # a user larger than the whole cache is not kept
-            self.cache[user_id] = entry
-        return entry.vector
-
-    def _empty(self) -> Entry:
+            HITS.inc()
+            return entry
+        MISSES.labels(reason).inc()
         hidden = torch.zeros(self.model.config.hidden_size, dtype=torch.float64)
         return Entry(self.version, np.zeros(0, dtype=np.int32), DynamicCache(), hidden, np.zeros(0, dtype=np.float32))
 
-    def _miss_reason(self, entry: Entry | None, ids: list[int]) -> str | None:
-        if entry is None:
-            return "absent"
-        if entry.version != self.version:
-            return "version"
-        if len(ids) < len(entry.ids) or not np.array_equal(entry.ids, ids[: len(entry.ids)]):
-            return "diverged"
-        return None
-
     @torch.inference_mode()
-    def _extend(self, entry: Entry, ids: list[int]) -> Entry:
-        """Run the tokens after ``entry.ids`` on top of its keys/values; the vector from the running mean."""
-        new = ids[len(entry.ids) :]
-        if not new:
-            return entry
-        TOKENS_COMPUTED.inc(len(new))
+    def _extend(self, entries: list[Entry], ids: list[list[int]]) -> list[Entry]:
+        """Run each row's tokens after its ``entry.ids`` in one batch on top of the cached keys/values.
+
+        The past is left-padded to the longest (masked), new tokens right-padded (masked), and each row's
+        positions continue from its own past, as batched generation does."""
         device = self.model.device
-        out = self.model(
-            input_ids=torch.tensor([new], device=device),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-            past_key_values=entry.cache,
-            use_cache=True,
-        )
-        total = entry.total + out.last_hidden_state[0].sum(0).to(torch.float64).cpu()
-        features = {"sentence_embedding": (total / len(ids)).to(torch.float32)[None].to(device)}
+        past = [len(e.ids) for e in entries]
+        new = [row[p:] for row, p in zip(ids, past)]
+        width, length = max(past), max(map(len, new))
+        input_ids = torch.full((len(new), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(new), width + length, dtype=torch.long)
+        for r, (p, tokens) in enumerate(zip(past, new)):
+            input_ids[r, : len(tokens)] = torch.tensor(tokens)
+            mask[r, width - p : width + len(tokens)] = 1
+        positions = torch.tensor(past)[:, None] + torch.arange(length)[None]
+        TOKENS_COMPUTED.inc(sum(map(len, new)))
+        out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                         past_key_values=_stack([e.cache for e in entries], past, width), use_cache=True)
+        states = out.last_hidden_state.to(torch.float64).cpu()
+        totals = torch.stack([e.total + states[r, : len(tokens)].sum(0) for r, (e, tokens) in enumerate(zip(entries, new))])
+        features = {"sentence_embedding": (totals / torch.tensor([len(row) for row in ids])[:, None]).float().to(device)}
         for module in self.head:
             features = module(features)
-        vector = features["sentence_embedding"][0].float().cpu().numpy()
-        return Entry(self.version, np.asarray(ids, dtype=np.int32), out.past_key_values, total, vector)
+        vectors = features["sentence_embedding"].float().cpu().numpy()
+        return [Entry(self.version, np.asarray(row, dtype=np.int32), _row(out.past_key_values, r, width - p, width + len(tokens)),
+                      totals[r], vectors[r])
+                for r, (row, p, tokens) in enumerate(zip(ids, past, new))]
+
+
+def _stack(caches: list[DynamicCache], past: list[int], width: int) -> DynamicCache:
+    """One batch cache from per-user caches, each left-padded with zeros to ``width`` positions (an
+    uncached user's row is all padding)."""
+    batch = DynamicCache()
+    if width == 0:
+        return batch
+    for layer, item in enumerate(next(c for c, p in zip(caches, past) if p).layers):
+        empty = item.keys[:, :, :0]
+        for_rows = [(c.layers[layer].keys, c.layers[layer].values) if p else (empty, empty) for c, p in zip(caches, past)]
+        keys, values = (torch.cat([torch.nn.functional.pad(t[i], (0, 0, width - t[i].shape[2], 0)) for t in for_rows]) for i in (0, 1))
+        batch.update(keys, values, layer)
+    return batch
+
+
+def _row(cache: DynamicCache, r: int, start: int, stop: int) -> DynamicCache:
+    """Row ``r``'s keys/values at positions ``start:stop`` of a batch cache, copied out (no view keeps the batch alive)."""
+    out = DynamicCache()
+    for layer, item in enumerate(cache.layers):
+        out.update(item.keys[r : r + 1, :, start:stop].clone(), item.values[r : r + 1, :, start:stop].clone(), layer)
+    return out

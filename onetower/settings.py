@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     recent_impressions_len: int = Field(default=100, ge=1, description="recent impressions kept per user (features, debugging)")
     refresh_lease_s: float = Field(default=30.0, gt=0.0, description="a popped dirty entity returns to the queue if not acknowledged within this")
     percentile_refresh_s: float = Field(default=300.0, gt=0.0, description="how often the worker refits the popularity percentile tables")
+    incremental_users: bool = Field(default=False, description="re-encode users through cached keys/values when the served "
+                                    "tower is causal (models/incremental.py); items and bidirectional towers keep the full path")
+    incremental_cache_bytes: int | None = Field(default=None, ge=1, description="bound of that cache [default: an eighth of the machine's memory]")
     live_recall_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0, description="share of engagements scored for live recall (0: off)")
 
     # Serving

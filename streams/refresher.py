@@ -9,6 +9,10 @@ state version of the newest vector written for that entity (an older render is s
 finding the lease under another token, queues the entity once more (closing the gap between the
 check and the upsert).
 
+With ``incremental_users`` on and a causal tower served, users are re-encoded through cached keys/values
+(``models/incremental.py``: only a new history entry's tokens are computed; same vectors); items, and
+every entity of a bidirectional tower, keep the full path.
+
 A micro-batch that fails on its data (not on Redis or Milvus being unavailable) is bisected: the good
 entities are still refreshed, and each one that fails on its own is quarantined with the reason
 (``onetower quarantine list | retry``). Nothing a refresh raises stops the worker.
@@ -33,6 +37,7 @@ from streams.state import Kind, Lease, StateStore
 
 if TYPE_CHECKING:
     from models.encoder import Encoder
+    from models.incremental import IncrementalEncoder
     from models.render import PercentileTable
 
 log = logging.getLogger("onetower.refresher")
@@ -63,9 +68,18 @@ class Refresher:
         self.encoder = encoder
         self.index = index
         self.version = encoder.version
+        self.incremental = self._incremental() if settings.incremental_users else None
         self._tables: dict[str, PercentileTable] = {}
         self._tables_loaded = 0.0
         self._buckets_checked = 0.0
+
+    def _incremental(self) -> "IncrementalEncoder | None":
+        from models.incremental import for_artifact
+
+        incremental = for_artifact(self.encoder.artifact.path, max_bytes=self.settings.incremental_cache_bytes)
+        log.info("users re-encoded incrementally" if incremental else "incremental re-encoding off: the tower is not causal",
+                 extra={"version": self.version})
+        return incremental
 
     def start(self) -> None:
         """Create the version's collections (or finish ones a killed worker left half made) and fit
@@ -150,7 +164,11 @@ class Refresher:
         vectors = np.zeros((0, self.settings.embedding_dim), dtype=np.float32)
         if live:
             started = time.perf_counter()
-            vectors = self.encoder.encode([text for _, _, text in live])
+            texts = [text for _, _, text in live]
+            if kind == "users" and self.incremental is not None:
+                vectors = self.incremental.encode_users([i for i, _, _ in live], texts)
+            else:
+                vectors = self.encoder.encode(texts)
             metrics.ENCODE_SECONDS.labels(kind).observe(time.perf_counter() - started)
             metrics.ENCODE_BATCH.labels(kind).observe(len(live))
         return Rendered(ids=list(ids), live=[(i, st) for i, st, _ in live], vectors=vectors,

@@ -12,7 +12,7 @@ from sentence_transformers import SentenceTransformer
 
 from models.encoder import TorchEncoder
 from models.errors import ModelError
-from models.incremental import IncrementalEncoder
+from models.incremental import IncrementalEncoder, is_causal
 from models.render import render_user
 from models.samples import movie_features, sample_users
 from models.testing import tiny_llama
@@ -127,5 +127,18 @@ def test_the_cache_stays_within_its_byte_bound(tower: SentenceTransformer) -> No
 
 
 def test_a_bidirectional_tower_is_refused() -> None:
+    minilm = build_tower("minilm")
+    assert not is_causal(minilm)  # so for_artifact leaves MiniLM's users on the full path
     with pytest.raises(ModelError, match="causal"):
-        IncrementalEncoder(build_tower("minilm"), version="v1")
+        IncrementalEncoder(minilm, version="v1")
+
+
+def test_a_batch_mixing_cached_and_uncached_users_equals_the_full_encode(tower: SentenceTransformer) -> None:
+    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+    (p0, h0), (p1, h1) = sample_users(2, seed=9, history=(6, 6))
+    encoder.encode_users(["cached"], [sample(tower, p0, h0[:5])])
+    texts = [sample(tower, p0, h0), sample(tower, p1, h1[:1])]
+    rows = [encoder._lookup("cached", tokens(tower, texts[0])), encoder._lookup("absent", tokens(tower, texts[1]))]
+    assert len(rows[0].ids) and not len(rows[1].ids)
+    got = encoder._extend(rows, [tokens(tower, t) for t in texts])  # one batch: a cached past beside an empty one
+    assert min_cosine(np.stack([e.vector for e in got]), full.encode(texts)) >= MIN_COSINE

@@ -1,0 +1,49 @@
+"""The refresher with ``incremental_users`` on, on the real Redis and Milvus: users go through the cached
+keys/values and get the vectors the full path would have written; off by default."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from indexer.texts import user_texts
+from indexer.vectors import VectorIndex
+from models.encoder import Encoder
+from onetower.settings import Settings
+from streams.events import EngagementEvent, ItemEvent, UserEvent
+from streams.refresher import Refresher
+from streams.state import StateStore
+from tests.test_refresher import T0, at, stored
+from tests.test_worker import tiny_model  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.stack
+
+
+def refresh_users(r: Refresher) -> None:
+    r.refresh("users", r.store.pop_dirty("users", 10, int(time.time() * 1000) + 1))
+
+
+def test_users_are_refreshed_incrementally_with_the_full_paths_vectors(srv: Settings, tiny_model: Path) -> None:  # noqa: F811
+    encoder = Encoder.load(tiny_model)
+    assert Refresher(srv, StateStore.from_settings(srv), encoder, VectorIndex(srv)).incremental is None  # off by default
+    settings = srv.model_copy(update={"incremental_users": True})
+    r = Refresher(settings, StateStore.from_settings(settings), encoder, VectorIndex(settings))
+    r.start()
+    assert r.incremental is not None
+    r.store.apply_many([ItemEvent(item_id=f"m{i}", features={"title": f"Movie {i}", "year": 1990 + i}, ts=at(T0)) for i in range(3)]
+                       + [UserEvent(user_id="u", features={"age": 30}, ts=at(T0))])
+    r.refresh("items", r.store.pop_dirty("items", 10, int(time.time() * 1000) + 1))
+    hits = REGISTRY.get_sample_value("onetower_incremental_hits_total") or 0.0
+    for n in range(3):
+        r.store.apply(EngagementEvent(user_id="u", item_id=f"m{n}", ts=at(T0 + 1 + n)))
+        refresh_users(r)
+        vector, updated_at = stored(r.index, "users", encoder.version, "u")
+        text = user_texts(r.store, ["u"], tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length)
+        assert updated_at == T0 + 1 + n
+        assert float(vector @ encoder.encode(text)[0]) >= 0.9999
+    assert REGISTRY.get_sample_value("onetower_incremental_hits_total") == hits + 2  # the first was a miss
+    assert np.isclose(np.linalg.norm(vector), 1, atol=1e-5)
