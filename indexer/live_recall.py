@@ -4,7 +4,8 @@ Every engagement is a free relevance judgement. For a sampled fraction the worke
 the event, takes the user's engaged set and stored vector (``snapshot``); then, off the event path,
 it ranks the engaged item with the candidates code (ANN top-``DEPTH``, seen items excluded as
 serving excludes them) in the active version and in a version a re-index is building (shadow), and
-ranks it by popularity (the state's engagement counter, same exclusion) for a baseline. Hits are
+ranks it by popularity (the state's engagement counter, same exclusion; the order is re-read every
+``POPULARITY_RELOAD_S``) for a baseline. Hits are
 added to per-minute Redis hashes, so every worker and ``onetower quality`` read the same sliding
 windows; shadow and active ranks of the same engagement are also kept as pairs, which is what a
 re-index compares before promoting (``promotion_check``).
@@ -55,6 +56,7 @@ class Probe:
     item_id: str
     seen: frozenset[str]
     vectors: dict[str, np.ndarray]  # model version -> the user's stored vector
+    active: str  # the version serving then
 
 
 @dataclass(frozen=True)
@@ -127,13 +129,12 @@ class LiveRecall:
                 if ev.item_id in before or not by_version:
                     metrics.LIVE_RECALL_SKIPPED.labels("seen" if ev.item_id in before else "no_vector").inc()
                 else:
-                    probes.append(Probe(ev.user_id, ev.item_id, frozenset(before), by_version))
+                    probes.append(Probe(ev.user_id, ev.item_id, frozenset(before), by_version, active))
             before.add(ev.item_id)
         return probes
 
     def score(self, probes: Sequence[Probe]) -> None:
         """Rank each probe's item in every version it has a vector in and by popularity; record."""
-        active, _ = self.versions()
         pipe = self.store.r.pipeline(transaction=False)
         minute = int(time.time()) // MINUTE_S
         ttl = max(WINDOWS_S.values()) + MINUTE_S
@@ -149,8 +150,8 @@ class LiveRecall:
                 pipe.sadd(self.store._q("lr:versions"), version)
                 metrics.LIVE_RECALL_RANK.labels(version).observe(rank if rank is not None else DEPTH + 1)
                 metrics.LIVE_RECALL_SCORED.labels(version).inc()
-                if version != active and active in ranks:
-                    pipe.lpush(self.store._q(f"lr:pairs:{version}"), f"{ranks[active] or 0},{rank or 0}")
+                if version != probe.active and probe.active in ranks:
+                    pipe.lpush(self.store._q(f"lr:pairs:{version}"), f"{ranks[probe.active] or 0},{rank or 0}")
                     pipe.ltrim(self.store._q(f"lr:pairs:{version}"), 0, PAIRS_KEEP - 1)
             metrics.LIVE_RECALL_SECONDS.observe(time.perf_counter() - started)
         pipe.execute()

@@ -3,7 +3,8 @@
 Stack up; MovieLens-100k converted and replayed; a tower exported (the untuned base, or quickly
 fine-tuned with ``--train``); a stream worker applies the events and encodes users and items; the
 version is checked and activated; one user's candidates printed; a new engagement produced; the same
-user's candidates printed again with the measured freshness; everything stopped.
+user's candidates printed again with the measured freshness; in ``--short`` mode the next events of
+the stream sent, so the worker scores them for live recall, which is printed; everything stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from onetower.settings import Settings, get_settings
 app = typer.Typer()
 T = TypeVar("T")
 SHORT_EVENTS = 20_000
+LIVE_EVENTS = 4_000  # events streamed after activation in --short mode: live recall scores their engagements
 
 
 @app.command()
@@ -61,7 +63,7 @@ def _demo(settings: Settings, short: bool, train: bool, keep_stack: bool, timeou
         _replay(settings, short)
         model_dir = _model(settings, train)
         with _worker(settings, model_dir):
-            _run(settings, model_dir, timeout_s)
+            _run(settings, model_dir, timeout_s, short)
     finally:
         if not (keep_stack or was_running):
             stack.down(settings)
@@ -144,7 +146,7 @@ def _env(settings: Settings) -> dict[str, str]:
     return {f"ONETOWER_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None and not isinstance(v, list)}
 
 
-def _run(settings: Settings, model_dir: Path, timeout_s: float) -> None:
+def _run(settings: Settings, model_dir: Path, timeout_s: float, short: bool) -> None:
     from datetime import datetime, timezone
 
     from indexer.candidates import Retriever
@@ -189,6 +191,36 @@ def _run(settings: Settings, model_dir: Path, timeout_s: float) -> None:
     _show(store, user, after, f"after, vector refreshed {freshness:.2f}s after the engagement was sent")
     moved = len({i for i, _ in before.items} - {i for i, _ in after.items})
     console.print(f"{moved} of 10 candidates changed; freshness {freshness:.2f}s (event sent -> user vector upserted in Milvus)")
+    if short:
+        _stream_on(settings)
+        _poll(lambda: ready_group_lag(settings, app_id(settings)) == 0 and store.dirty_count("users") == 0, timeout_s,
+              "the worker did not catch up with the events after the replay")
+    _live_recall(store, version)
+
+
+def _stream_on(settings: Settings) -> None:
+    """Send the events that follow the replayed ones: the served version meets engagements it has not seen."""
+    from itertools import islice
+
+    from streams.movielens import read_events
+    from streams.producer import EventProducer
+
+    with EventProducer(settings) as producer:
+        producer.send_many(list(islice(read_events(settings.state_dir / "movielens"), SHORT_EVENTS, SHORT_EVENTS + LIVE_EVENTS)))
+    console.print(f"\nsent the next {LIVE_EVENTS:,} events; the worker scores a sample of their engagements for live recall")
+
+
+def _live_recall(store, version: str) -> None:
+    """One line: live recall@10 of the served version over the last 24 h, against popularity on the same engagements."""
+    from indexer.live_recall import figures
+
+    found = [f for f in figures(store) if f.version == version and f.window == "24h" and f.scored]
+    if not found:
+        console.print(f"live recall@10 of {version}: no engagement scored yet (`onetower quality` shows it as events arrive)")
+        return
+    f = found[0]
+    console.print(f"live recall@10 of {version} (last 24 h): {f.recall[10]:.3f} on {f.scored:,} engagements scored "
+                  f"(popularity {f.popularity[10]:.3f} on the same); `onetower quality` for more")
 
 
 def ready_group_lag(settings: Settings, group: str, timeout_s: float = 120.0) -> int:

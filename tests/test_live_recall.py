@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -108,3 +110,48 @@ def test_promotion_compares_the_same_engagements_in_both_versions(lsettings: Set
     assert compare(store, "new", "old", n=2).engagements == 2
     store.r.lpush(key, "1,0", "2,0", "3,0")
     assert not compare(store, "new", "old", n=10).passed
+
+
+def test_a_reindex_promotes_only_on_live_recall_scored_in_both_versions(
+        lsettings: Settings, tiny_model: Path, scoring_worker: None, tmp_path: Path) -> None:
+    from models.artifact import export_artifact
+    from models.tower import build_tower
+
+    base = tiny_model.parent / "llama"
+    shadow = export_artifact(build_tower(str(base), max_seq_length=128), tmp_path / "shadow", base_model=str(base),
+                             version="tiny_shadow").path
+    events = events_from_wheel(recbole_wheel(lsettings))
+    history, rest = events["engagements"][:500], events["engagements"][500:]
+    known = {e.user_id for e in history}
+    stream = [e for e in rest if e.user_id in known]
+    store, index = StateStore.from_settings(lsettings), VectorIndex(lsettings)
+    store.apply_many(events["items"] + [e for e in events["users"] if e.user_id in known] + history)
+    Reindexer(lsettings, Encoder.load(tiny_model), index=index, store=store).run(tiny_model)
+
+    outcome: dict[str, object] = {}
+
+    def promote() -> None:
+        try:
+            outcome["report"] = Reindexer(lsettings, Encoder.load(shadow), index=index, store=store).run(
+                shadow, live_recall_gate=40, live_recall_wait_s=180)
+        except Exception as exc:  # the refusal is an outcome too
+            outcome["error"] = exc
+
+    build = threading.Thread(target=promote)
+    build.start()
+    with EventProducer(lsettings) as producer:
+        for start in range(0, len(stream), 20):  # a steady stream until the decision
+            if not build.is_alive():
+                break
+            producer.send_many(stream[start:start + 20])
+            producer.flush()
+            time.sleep(0.5)
+    build.join(timeout=300)
+    result = compare(store, "tiny_shadow", "tiny_streams", 40)
+    assert result.engagements >= 40
+    if result.passed:
+        assert "error" not in outcome and index.active_version() == "tiny_shadow"
+        assert "live recall@10" in outcome["report"].live_recall
+    else:
+        assert "not promoted" in str(outcome["error"]) and index.active_version() == "tiny_streams"
+    assert {f.version for f in figures(store)} == {"tiny_streams", "tiny_shadow"}
