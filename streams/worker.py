@@ -114,7 +114,8 @@ class EventApplier:
 
     async def _score(self, scorer: LiveRecall, events: list[EngagementEvent]) -> None:
         """Live recall: snapshot what serving saw before these events are applied, then rank off the
-        event path. Nothing here can fail or hold up the batch beyond the snapshot's round trips."""
+        event path. Nothing here fails the batch; a Milvus that hangs costs it one timeout, then scoring
+        pauses (``LiveRecall.failed``)."""
         try:
             probes = await asyncio.get_running_loop().run_in_executor(self.pool, scorer.snapshot, events)
         except Exception as exc:
