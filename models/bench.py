@@ -8,6 +8,7 @@ slight underestimate of the work done.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -299,51 +300,71 @@ def incremental_texts(tokenizer, users: int, *, history_tokens: int = 250, entry
     return before, after
 
 
-def _timed(fn) -> tuple[np.ndarray, float]:
+def _timed(fn, spent: float = 0.0) -> tuple[np.ndarray, float]:
+    """``fn()`` and ``spent`` plus the seconds it took."""
     start = time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - start
+    return out, spent + time.perf_counter() - start
 
 
-def run_incremental(out: Path, *, base: str = "smollm2", users: int = 16, threads: int | None = None,
-                    console: Console | None = None) -> dict:
-    """Full vs incremental re-encoding of users after one new entry, side by side in one run; writes
-    ``bench_incremental.json`` under ``out``. The full path is the torch tower batched by token budget;
-    the incremental one runs only the new entry's tokens on cached keys/values (primed untimed first)."""
+def _time_incremental(tower, users: int, rounds: int, kv_dtypes: Sequence[torch.dtype]) -> tuple[list[IncrementalCell], str]:
+    """Full and incremental re-encoding of the same users, interleaved round by round so that a change in
+    the machine's load hits every path alike; the incremental caches are primed (untimed) once and
+    restored before each round."""
     from models.incremental import IncrementalEncoder
 
+    before, after = incremental_texts(tower.tokenizer, users)
+    ids = [f"u{i}" for i in range(users)]
+    full = TorchEncoder(tower)
+    incremental = {dtype: IncrementalEncoder(tower, version="bench", kv_dtype=dtype) for dtype in kv_dtypes}
+    primed = {dtype: (encoder.encode_users(ids, before), copy.deepcopy(encoder.cache))[1] for dtype, encoder in incremental.items()}
+    full.encode(after[:2])  # warm-up
+    seconds, cosines = dict.fromkeys(["full", *incremental], 0.0), {dtype: [] for dtype in incremental}
+    for _ in range(rounds):
+        reference, seconds["full"] = _timed(lambda: full.encode(after), seconds["full"])
+        for dtype, encoder in incremental.items():
+            encoder.cache = copy.deepcopy(primed[dtype])
+            got, seconds[dtype] = _timed(lambda: encoder.encode_users(ids, after), seconds[dtype])
+            cosines[dtype].append(np.sum(reference * got, axis=1))
+    full_tokens = float(np.mean([len(x) for x in full.tokenize(after)]))
+    new_tokens = full_tokens - float(np.mean([len(x) for x in full.tokenize(before)]))
+    n = users * rounds
+    cells = [IncrementalCell("full (torch, batched)", n, seconds["full"], n / seconds["full"], full_tokens)]
+    for dtype, encoder in incremental.items():
+        cos = np.concatenate(cosines[dtype])
+        cells.append(IncrementalCell(f"incremental (torch, {str(dtype).removeprefix('torch.')} KV cache)", n, seconds[dtype],
+                                     n / seconds[dtype], new_tokens, round(float(cos.min()), 6), round(float(cos.mean()), 6),
+                                     encoder.cache_bytes / users))
+    return cells, f"{users} users x {rounds} rounds, {new_tokens:.0f} new of {full_tokens:.0f} tokens"
+
+
+def _incremental_table(cells: list[IncrementalCell], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("path", "users/s", "ms/user", "x full", "tokens computed/user", "min cos vs full", "mean cos", "cache/user"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    for c in cells:
+        table.add_row(c.path, f"{c.users_per_s:.2f}", f"{1e3 * c.seconds / c.users:.0f}", f"{c.users_per_s / cells[0].users_per_s:.2f}",
+                      f"{c.tokens_per_user:.0f}", _fmt(c.min_cosine, ".6f"), _fmt(c.mean_cosine, ".6f"),
+                      "-" if c.cache_bytes_per_user is None else f"{c.cache_bytes_per_user / 2**20:.1f} MiB")
+    return table
+
+
+def run_incremental(out: Path, *, base: str = "smollm2", users: int = 16, rounds: int = 3, threads: int | None = None,
+                    console: Console | None = None) -> dict:
+    """Full vs incremental re-encoding of users after one new entry (fp32 and fp16 cached keys/values),
+    side by side in one run; prints a table and writes ``bench_incremental.json`` under ``out``. The full
+    path is the torch tower batched by token budget; the incremental one runs only the new entry's tokens."""
     console = console or Console()
     if threads:
         torch.set_num_threads(threads)
     load_before = os.getloadavg()
     tower = build_tower(base, dim=get_settings().embedding_dim, max_seq_length=512)
-    before, after = incremental_texts(tower.tokenizer, users)
-    ids = [f"u{i}" for i in range(users)]
-    full, incremental = TorchEncoder(tower, version=base), IncrementalEncoder(tower, version=base)
-    full.encode(after[:2])  # warm-up
-    reference, full_s = _timed(lambda: full.encode(after))
-    incremental.encode_users(ids, before)  # prime the cache: each user's history encoded once, untimed
-    got, inc_s = _timed(lambda: incremental.encode_users(ids, after))
-    cos = np.sum(reference * got, axis=1)
-    full_tokens = float(np.mean([len(x) for x in full.tokenize(after)]))
-    new_tokens = full_tokens - float(np.mean([len(x) for x in full.tokenize(before)]))
-    cells = [
-        IncrementalCell("full (torch, batched)", users, full_s, users / full_s, full_tokens),
-        IncrementalCell("incremental (torch, KV cache)", users, inc_s, users / inc_s, new_tokens, round(float(cos.min()), 6),
-                        round(float(cos.mean()), 6), incremental.cache_bytes / users),
-    ]
-    table = Table(title=f"re-encoding a user after one new entry: {base}, {users} users, {torch.get_num_threads()} threads")
-    for col in ("path", "users/s", "ms/user", "tokens computed/user", "min cos vs full", "mean cos", "cache bytes/user"):
-        table.add_column(col, justify="left" if col == "path" else "right")
-    for c in cells:
-        table.add_row(c.path, f"{c.users_per_s:.2f}", f"{1e3 * c.seconds / c.users:.0f}", f"{c.tokens_per_user:.0f}",
-                      _fmt(c.min_cosine, ".6f"), _fmt(c.mean_cosine, ".6f"),
-                      "-" if c.cache_bytes_per_user is None else f"{c.cache_bytes_per_user / 2**20:.1f} MiB")
-    console.print(table)
-    console.print(f"incremental / full: {full_s / inc_s:.1f}x users/s; load average before/after "
-                  f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    result = {"base": base, "threads": torch.get_num_threads(), "load_average_before": load_before,
-              "load_average_after": os.getloadavg(), "speedup": full_s / inc_s, "cells": [asdict(c) for c in cells]}
+    cells, what = _time_incremental(tower, users, rounds, (torch.float32, torch.float16))
+    console.print(_incremental_table(cells, f"re-encoding a user after one new entry: {base}, {what}, {torch.get_num_threads()} threads"))
+    load_after = os.getloadavg()
+    console.print(f"load average before/after {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} cores")
+    result = {"base": base, "threads": torch.get_num_threads(), "users": users, "rounds": rounds,
+              "load_average_before": load_before, "load_average_after": load_after, "cells": [asdict(c) for c in cells]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_incremental.json").write_text(json.dumps(result, indent=2))
     return result

@@ -80,6 +80,7 @@ def bench(
     incremental: bool = typer.Option(False, "--incremental", help="full vs incremental re-encoding of users after one new "
                                      "entry (causal tower: --base, default smollm2)"),
     users: int = typer.Option(16, min=1, help="users re-encoded per path with --incremental"),
+    rounds: int = typer.Option(3, min=1, help="timed rounds per path with --incremental (interleaved)"),
 ) -> None:
     """Encoder speed: torch vs ONNX fp32 vs int8, texts/s, tokens/s, latency, fraction of matmul peak; or,
     with --incremental, users/s of full vs incremental re-encoding."""
@@ -88,7 +89,7 @@ def bench(
 
     try:
         if incremental:
-            run_incremental(out, base=(base or ["smollm2"])[0], users=users, threads=threads, console=console)
+            run_incremental(out, base=(base or ["smollm2"])[0], users=users, rounds=rounds, threads=threads, console=console)
         else:
             run(out, quick=quick, bases=base, threads=threads, console=console)
     except ModelError as exc:

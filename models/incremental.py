@@ -52,14 +52,14 @@ def is_causal(tower: SentenceTransformer) -> bool:
     return bool(flags) and all(flags)
 
 
-def for_artifact(path: Path, *, max_bytes: int | None = None) -> IncrementalEncoder | None:
+def for_artifact(path: Path, *, max_bytes: int | None = None, kv_dtype: str = "float32") -> IncrementalEncoder | None:
     """The incremental encoder over an artifact's torch tower; None when the tower cannot reuse prefixes
     (bidirectional, or not mean pooled), so its users keep the full path."""
     artifact = ModelArtifact.load(path)
     tower = artifact.load_sentence_transformer()
     if not is_causal(tower) or artifact.manifest.pooling != "mean":
         return None
-    return IncrementalEncoder(tower, version=artifact.version, max_bytes=max_bytes)
+    return IncrementalEncoder(tower, version=artifact.version, max_bytes=max_bytes, kv_dtype=getattr(torch, kv_dtype))
 
 
 @dataclass
@@ -81,7 +81,10 @@ class Entry:
 class IncrementalEncoder:
     """Encodes users' texts through a per-user cache of keys/values (torch, one user at a time)."""
 
-    def __init__(self, tower: SentenceTransformer, *, version: str, max_bytes: int | None = None) -> None:
+    def __init__(self, tower: SentenceTransformer, *, version: str, max_bytes: int | None = None,
+                 kv_dtype: torch.dtype = torch.float32) -> None:
+        """``kv_dtype`` is how keys/values are kept between appends (float16 halves the cache; the model
+        still computes in its own dtype)."""
         if not isinstance(tower[0], Transformer) or not is_causal(tower):
             raise ModelError("incremental encoding needs a causal tower (LLaMA-shaped); this one attends both ways")
         if not isinstance(tower[1], Pooling) or tower[1].get_config_dict()["pooling_mode"] != "mean":
@@ -92,6 +95,7 @@ class IncrementalEncoder:
         self.tokenizer = tower.tokenizer
         self.max_seq_length = tower.max_seq_length
         self.version = version
+        self.kv_dtype = kv_dtype
         self.cache: LRUCache[str, Entry] = LRUCache(max_bytes or default_cache_bytes(), getsizeof=lambda e: e.nbytes)
 
     @property
@@ -156,35 +160,39 @@ class IncrementalEncoder:
         positions = torch.tensor(past)[:, None] + torch.arange(length)[None]
         TOKENS_COMPUTED.inc(sum(map(len, new)))
         out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                         past_key_values=_stack([e.cache for e in entries], past, width), use_cache=True)
+                         past_key_values=_stack([e.cache for e in entries], past, width, self.model.dtype), use_cache=True)
         states = out.last_hidden_state.to(torch.float64).cpu()
         totals = torch.stack([e.total + states[r, : len(tokens)].sum(0) for r, (e, tokens) in enumerate(zip(entries, new))])
         features = {"sentence_embedding": (totals / torch.tensor([len(row) for row in ids])[:, None]).float().to(device)}
         for module in self.head:
             features = module(features)
         vectors = features["sentence_embedding"].float().cpu().numpy()
-        return [Entry(self.version, np.asarray(row, dtype=np.int32), _row(out.past_key_values, r, width - p, width + len(tokens)),
+        return [Entry(self.version, np.asarray(row, dtype=np.int32), _row(out.past_key_values, r, width - p, width + len(tokens), self.kv_dtype),
                       totals[r], vectors[r])
                 for r, (row, p, tokens) in enumerate(zip(ids, past, new))]
 
 
-def _stack(caches: list[DynamicCache], past: list[int], width: int) -> DynamicCache:
+def _stack(caches: list[DynamicCache], past: list[int], width: int, dtype: torch.dtype) -> DynamicCache:
     """One batch cache from per-user caches, each left-padded with zeros to ``width`` positions (an
-    uncached user's row is all padding)."""
+    uncached user's row is all padding); one copy into a buffer allocated once per layer."""
     batch = DynamicCache()
     if width == 0:
         return batch
     for layer, item in enumerate(next(c for c, p in zip(caches, past) if p).layers):
-        empty = item.keys[:, :, :0]
-        for_rows = [(c.layers[layer].keys, c.layers[layer].values) if p else (empty, empty) for c, p in zip(caches, past)]
-        keys, values = (torch.cat([torch.nn.functional.pad(t[i], (0, 0, width - t[i].shape[2], 0)) for t in for_rows]) for i in (0, 1))
+        shape = (len(caches), item.keys.shape[1], width, item.keys.shape[3])
+        keys, values = item.keys.new_zeros(shape, dtype=dtype), item.values.new_zeros(shape, dtype=dtype)
+        for r, (cache, p) in enumerate(zip(caches, past)):
+            if p:
+                keys[r, :, width - p :] = cache.layers[layer].keys[0]
+                values[r, :, width - p :] = cache.layers[layer].values[0]
         batch.update(keys, values, layer)
     return batch
 
 
-def _row(cache: DynamicCache, r: int, start: int, stop: int) -> DynamicCache:
+def _row(cache: DynamicCache, r: int, start: int, stop: int, dtype: torch.dtype) -> DynamicCache:
     """Row ``r``'s keys/values at positions ``start:stop`` of a batch cache, copied out (no view keeps the batch alive)."""
     out = DynamicCache()
     for layer, item in enumerate(cache.layers):
-        out.update(item.keys[r : r + 1, :, start:stop].clone(), item.values[r : r + 1, :, start:stop].clone(), layer)
+        keys, values = (t[r : r + 1, :, start:stop].to(dtype, copy=True).contiguous() for t in (item.keys, item.values))
+        out.update(keys, values, layer)
     return out

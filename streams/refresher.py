@@ -76,7 +76,8 @@ class Refresher:
     def _incremental(self) -> "IncrementalEncoder | None":
         from models.incremental import for_artifact
 
-        incremental = for_artifact(self.encoder.artifact.path, max_bytes=self.settings.incremental_cache_bytes)
+        incremental = for_artifact(self.encoder.artifact.path, max_bytes=self.settings.incremental_cache_bytes,
+                                   kv_dtype=self.settings.incremental_kv_dtype)
         log.info("users re-encoded incrementally" if incremental else "incremental re-encoding off: the tower is not causal",
                  extra={"version": self.version})
         return incremental

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from prometheus_client import REGISTRY
 from sentence_transformers import SentenceTransformer
 
@@ -142,3 +143,15 @@ def test_a_batch_mixing_cached_and_uncached_users_equals_the_full_encode(tower: 
     assert len(rows[0].ids) and not len(rows[1].ids)
     got = encoder._extend(rows, [tokens(tower, t) for t in texts])  # one batch: a cached past beside an empty one
     assert min_cosine(np.stack([e.vector for e in got]), full.encode(texts)) >= MIN_COSINE
+
+
+def test_float16_keys_values_halve_the_cache_and_keep_the_vectors(tower: SentenceTransformer) -> None:
+    exact, half, full = IncrementalEncoder(tower, version="v1"), IncrementalEncoder(tower, version="v1", kv_dtype=torch.float16), TorchEncoder(tower)
+    profile, history = user(8)
+    for encoder in (exact, half):
+        encoder.encode_users(["u"], [sample(tower, profile, history[:7])])
+    text = sample(tower, profile, history)
+    assert min_cosine(half.encode_users(["u"], [text]), full.encode([text])) >= MIN_COSINE
+    exact.encode_users(["u"], [text])
+    assert half.cache["u"].cache.layers[0].keys.dtype == torch.float16
+    assert half.cache_bytes < 0.6 * exact.cache_bytes
