@@ -106,16 +106,18 @@ class IncrementalEncoder:
         """(len(texts), dim) unit vectors equal to the full encode's, computing only new tokens where cached.
 
         Users are batched by the tokens they compute (``plan_batches``), so cached users' appends run
-        together and full encodes together."""
+        together and full encodes together; a batch also holds at most ``max_batch_tokens`` padded
+        positions of past and new tokens, which bounds the keys/values copied into it."""
         if len(user_ids) != len(texts):
             raise ModelError(f"{len(user_ids)} user ids for {len(texts)} texts")
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length)["input_ids"]
         entries = [self._lookup(user_id, row) for user_id, row in zip(user_ids, ids)]
-        todo = [r for r, (entry, row) in enumerate(zip(entries, ids)) if len(row) > len(entry.ids)]
-        for batch in plan_batches([len(ids[r]) - len(entries[r].ids) for r in todo], max_batch_tokens):
-            rows = [todo[b] for b in batch]
-            for r, entry in zip(rows, self._extend([entries[r] for r in rows], [ids[r] for r in rows])):
-                entries[r] = entry
+        past = [len(entry.ids) for entry in entries]
+        todo = [r for r, row in enumerate(ids) if len(row) > past[r]]
+        for batch in plan_batches([len(ids[r]) - past[r] for r in todo], max_batch_tokens):
+            for rows in _bounded([todo[b] for b in batch], past, [len(row) for row in ids], max_batch_tokens):
+                for r, entry in zip(rows, self._extend([entries[r] for r in rows], [ids[r] for r in rows])):
+                    entries[r] = entry
         for user_id, entry in zip(user_ids, entries):
             if entry.nbytes <= self.cache.maxsize:  # a user larger than the whole cache is encoded, not kept
                 self.cache[user_id] = entry
@@ -170,6 +172,19 @@ class IncrementalEncoder:
         return [Entry(self.version, np.asarray(row, dtype=np.int32), _row(out.past_key_values, r, width - p, width + len(tokens), self.kv_dtype),
                       totals[r], vectors[r])
                 for r, (row, p, tokens) in enumerate(zip(ids, past, new))]
+
+
+def _bounded(rows: list[int], past: list[int], total: list[int], budget: int) -> list[list[int]]:
+    """``rows`` in parts of at most ``budget`` padded positions (rows x (longest past + longest new)); a
+    row over the budget on its own runs alone."""
+    parts: list[list[int]] = [[]]
+    for r in rows:
+        part = [*parts[-1], r]
+        if parts[-1] and len(part) * (max(past[i] for i in part) + max(total[i] - past[i] for i in part)) > budget:
+            parts.append([r])
+        else:
+            parts[-1] = part
+    return parts
 
 
 def _stack(caches: list[DynamicCache], past: list[int], width: int, dtype: torch.dtype) -> DynamicCache:

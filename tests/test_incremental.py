@@ -155,3 +155,15 @@ def test_float16_keys_values_halve_the_cache_and_keep_the_vectors(tower: Sentenc
     exact.encode_users(["u"], [text])
     assert half.cache["u"].cache.layers[0].keys.dtype == torch.float16
     assert half.cache_bytes < 0.6 * exact.cache_bytes
+
+
+def test_a_token_budget_splits_the_batches_and_keeps_the_vectors(tower: SentenceTransformer, monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+    users = sample_users(4, seed=2, history=(6, 6))
+    encoder.encode_users([f"u{i}" for i in range(4)], [sample(tower, p, h[:5]) for p, h in users])
+    texts = [sample(tower, p, h) for p, h in users]
+    sizes, extend = [], encoder._extend
+    monkeypatch.setattr(encoder, "_extend", lambda entries, ids: sizes.append(len(entries)) or extend(entries, ids))
+    got = encoder.encode_users([f"u{i}" for i in range(4)], texts, max_batch_tokens=max(len(tokens(tower, t)) for t in texts))
+    assert min_cosine(got, full.encode(texts)) >= MIN_COSINE
+    assert sizes == [1, 1, 1, 1]  # each user's past and new tokens fill the budget alone
