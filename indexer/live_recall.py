@@ -105,13 +105,17 @@ class LiveRecall:
         self._popular_at = -POPULARITY_RELOAD_S
         self._off_until = 0.0
         self._lock = threading.Lock()
+        self._tokens, self._tokens_at = settings.live_recall_max_per_s, time.monotonic()
 
     def snapshot(self, events: Sequence[EngagementEvent]) -> list[Probe]:
         """Probes for a sample of ``events`` (in order, none applied yet): an engagement's seen set holds
         the user's earlier ones in the batch too; an item already seen is skipped (serving never offers it)."""
         if time.monotonic() < self._off_until:
             return []
-        picked = {n for n in range(len(events)) if self._rng.random() < self.settings.live_recall_sample_rate}
+        sampled = [n for n in range(len(events)) if self._rng.random() < self.settings.live_recall_sample_rate]
+        picked = set(sampled[:self._allow(len(sampled))])
+        if len(picked) < len(sampled):
+            metrics.LIVE_RECALL_SKIPPED.labels("rate").inc(len(sampled) - len(picked))
         active, shadows = self.versions() if picked else (None, [])
         if active is None:
             return []
@@ -132,6 +136,17 @@ class LiveRecall:
                     probes.append(Probe(ev.user_id, ev.item_id, frozenset(before), by_version, active))
             before.add(ev.item_id)
         return probes
+
+    def _allow(self, wanted: int) -> int:
+        """How many of ``wanted`` samples ``live_recall_max_per_s`` lets through now (a token bucket one second deep)."""
+        cap = self.settings.live_recall_max_per_s
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(cap, self._tokens + (now - self._tokens_at) * cap)
+            self._tokens_at = now
+            allowed = min(wanted, int(self._tokens))
+            self._tokens -= allowed
+            return allowed
 
     def score(self, probes: Sequence[Probe]) -> None:
         """Rank each probe's item in every version it has a vector in and by popularity; record."""

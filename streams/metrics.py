@@ -36,7 +36,7 @@ LIVE_RECALL_RANK = Histogram("onetower_live_recall_rank", "rank of the engaged i
                              "just before (101 = beyond 100)", ["version"], buckets=(1, 5, 10, 20, 50, 100, float("inf")))
 LIVE_RECALL_SCORED = Counter("onetower_live_recall_scored_total", "engagements scored by this worker, per version", ["version"])
 LIVE_RECALL_SKIPPED = Counter("onetower_live_recall_skipped_total", "sampled engagements not scored, by reason "
-                              "(seen, no_vector, backlog)", ["reason"])
+                              "(seen, no_vector, rate, backlog)", ["reason"])
 LIVE_RECALL_ERRORS = Counter("onetower_live_recall_errors_total", "live recall scoring failures (the events are applied)")
 LIVE_RECALL_SECONDS = Histogram("onetower_live_recall_seconds", "time to score one engagement in every version",
                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))

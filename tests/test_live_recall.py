@@ -35,7 +35,7 @@ ANN_TOLERANCE = 0.03  # HNSW at ef 256 over ~1,000 items is all but exact; ties 
 
 @pytest.fixture()
 def lsettings(settings: Settings) -> Iterator[Settings]:
-    s = settings.model_copy(update={"live_recall_sample_rate": 1.0})
+    s = settings.model_copy(update={"live_recall_sample_rate": 1.0, "live_recall_max_per_s": 10_000.0})
     yield s
     purge(s)
 
@@ -44,7 +44,7 @@ def lsettings(settings: Settings) -> Iterator[Settings]:
 def scoring_worker(lsettings: Settings, tiny_model: Path, tmp_path: Path) -> Iterator[None]:
     """A worker that applies events and scores every engagement, without refreshing vectors: the user
     vectors stay those of the index, so an offline ranking can reproduce every rank."""
-    env = {**onetower_env(lsettings), "ONETOWER_LIVE_RECALL_SAMPLE_RATE": "1.0"}
+    env = {**onetower_env(lsettings), "ONETOWER_LIVE_RECALL_SAMPLE_RATE": "1.0", "ONETOWER_LIVE_RECALL_MAX_PER_S": "10000"}
     log = tmp_path / "worker.log"
     proc = subprocess.Popen([sys.executable, "-m", "onetower", "worker", "--no-refresh", "--model", str(tiny_model)],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
