@@ -79,7 +79,7 @@ class Entry:
 
 
 class IncrementalEncoder:
-    """Encodes users' texts through a per-user cache of keys/values (torch, one user at a time)."""
+    """Encodes users' texts through a per-user cache of keys/values (torch; appends of several users batched)."""
 
     def __init__(self, tower: SentenceTransformer, *, version: str, max_bytes: int | None = None,
                  kv_dtype: torch.dtype = torch.float32) -> None:
