@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
@@ -31,7 +31,7 @@ from kafka import KafkaProducer
 from onetower.prefixes import isolated, purge
 from onetower.settings import Settings
 from streams.events import (ID_PATTERN, INT64, MAX_DEAD_RAW_BYTES, MAX_FEATURES_BYTES, MAX_PAST, EngagementEvent, Event,
-                            ImpressionEvent, InvalidEvent, ItemEvent, Origin, UserEvent, event_type, parse_event)
+                            ImpressionEvent, InvalidEvent, Origin, event_type, parse_event)
 from streams.state import StateStore
 from streams.topics import COMPACTED, dead_letters, ensure_topics
 from tests.test_worker import Worker, poll, tiny_model  # noqa: F401  (tiny_model: the session fixture)
@@ -250,7 +250,7 @@ class Expected:
     entities: dict[tuple[str, str], tuple[int, dict, bool]] = field(default_factory=dict)  # (kind, id) -> ts, features, deleted
     ids: set[tuple[str, str]] = field(default_factory=set)  # (kind, event id) of every applied event with its own id
 
-    def add(self, n: int, rec: Record) -> None:
+    def add(self, rec: Record) -> None:
         if rec.event is None:
             kept = rec.value if rec.value is not None and len(rec.value) <= MAX_DEAD_RAW_BYTES else None
             self.dead[(rec.kind, kept)] += 1
@@ -351,8 +351,8 @@ def fuzzed(local_stack: Settings, tiny_model: Path, tmp_path_factory: pytest.Tem
         poll(f"the worker to handle {len(records)} records", lambda: processed(w) >= len(records), timeout=300 + N_RECORDS / 5)
         poll("quiescence", lambda: store.dirty_count("users") == 0 and store.dirty_count("items") == 0, timeout=600)
         expected = Expected()
-        for n, rec in enumerate(records):
-            expected.add(n, rec)
+        for rec in records:
+            expected.add(rec)
         yield Fuzzed(s, store, w, records, expected, time.monotonic() - started)
     finally:
         w.stop(signal.SIGKILL)
