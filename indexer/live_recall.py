@@ -1,8 +1,9 @@
 """Live recall: was the item a user just engaged with among the candidates served to them just before?
 
 Every engagement is a free relevance judgement. For a sampled fraction the worker, before applying
-the event, takes the user's engaged set and stored vector (``snapshot``); then, off the event path,
-it ranks the engaged item with the candidates code (ANN top-``DEPTH``, seen items excluded as
+the event, takes the user's engaged set and state version (``snapshot``, one Redis round trip a
+batch); then, off the event path, it reads the user's stored vector (unless the refresher already
+wrote one from a newer state, which would show the engagement) and ranks the engaged item with the candidates code (ANN top-``DEPTH``, seen items excluded as
 serving excludes them) in the active version and in a version a re-index is building (shadow), and
 ranks it by popularity (the state's engagement counter, same exclusion; the order is re-read every
 ``POPULARITY_RELOAD_S``) for a baseline. Hits are
@@ -55,8 +56,9 @@ class Probe:
     user_id: str
     item_id: str
     seen: frozenset[str]
-    vectors: dict[str, np.ndarray]  # model version -> the user's stored vector
+    state_version: int  # the user's state version then: a vector written from a newer one is too late
     active: str  # the version serving then
+    versions: tuple[str, ...]  # the active version and the shadows then
 
 
 @dataclass(frozen=True)
@@ -123,17 +125,19 @@ class LiveRecall:
         pipe = self.store.r.pipeline(transaction=False)
         for uid in users:
             pipe.smembers(self.store._u(uid, "e"))
-        seen = {uid: {m.decode() for m in got} for uid, got in zip(users, pipe.execute())}
-        vectors = {v: self.index.get_vectors("users", v, users) for v in [active, *shadows]}
+            pipe.hget(self.store._u(uid, "m"), "v")
+        got = pipe.execute()
+        seen = {uid: {m.decode() for m in got[2 * n]} for n, uid in enumerate(users)}
+        state = {uid: int(got[2 * n + 1] or 0) for n, uid in enumerate(users)}
         probes: list[Probe] = []
         for n, ev in enumerate(events):
             before = seen.setdefault(ev.user_id, set())
             if n in picked:
-                by_version = {v: found[ev.user_id] for v, found in vectors.items() if ev.user_id in found}
-                if ev.item_id in before or not by_version:
-                    metrics.LIVE_RECALL_SKIPPED.labels("seen" if ev.item_id in before else "no_vector").inc()
+                if ev.item_id in before:
+                    metrics.LIVE_RECALL_SKIPPED.labels("seen").inc()
                 else:
-                    probes.append(Probe(ev.user_id, ev.item_id, frozenset(before), by_version, active))
+                    probes.append(Probe(ev.user_id, ev.item_id, frozenset(before), state[ev.user_id], active,
+                                        (active, *shadows)))
             before.add(ev.item_id)
         return probes
 
@@ -149,14 +153,18 @@ class LiveRecall:
             return allowed
 
     def score(self, probes: Sequence[Probe]) -> None:
-        """Rank each probe's item in every version it has a vector in and by popularity; record."""
+        """Rank each probe's item in every version that holds a vector of the user from before the
+        engagement, and by popularity; record."""
+        vectors = self._vectors(probes)
         pipe = self.store.r.pipeline(transaction=False)
         minute = int(time.time()) // MINUTE_S
         ttl = max(WINDOWS_S.values()) + MINUTE_S
         for probe in probes:
             started = time.perf_counter()
             popular = self._popularity_rank(probe)
-            ranks = {v: self._rank(v, vec, probe) for v, vec in probe.vectors.items()}
+            ranks = {v: self._rank(v, vectors[v][probe.user_id], probe) for v in probe.versions if probe.user_id in vectors[v]}
+            if not ranks:
+                metrics.LIVE_RECALL_SKIPPED.labels("no_vector").inc()
             for version, rank in ranks.items():
                 key = self.store._q(f"lr:{version}:{minute}")
                 for field in ["n", *_hit_fields("m", rank), *_hit_fields("p", popular)]:
@@ -186,6 +194,23 @@ class LiveRecall:
                            and (self.index.version_info(v) or {}).get("state") in SHADOW_STATES]
                 self._versions, self._versions_at = (active, shadows), time.monotonic()
             return self._versions
+
+    def _vectors(self, probes: Sequence[Probe]) -> dict[str, dict[str, np.ndarray]]:
+        """Per version, the probes' users' stored vectors, less those written from a state newer than a
+        probe's (the refresher got there first: the vector shows the engagement). The vector is read
+        before its state version: the refresher records the version before it upserts."""
+        users = list(dict.fromkeys(p.user_id for p in probes))
+        versions = list(dict.fromkeys(v for p in probes for v in p.versions))
+        found = {v: self.index.get_vectors("users", v, users) for v in versions}
+        pipe = self.store.r.pipeline(transaction=False)
+        for v in versions:
+            pipe.hmget(self.store._q(f"vec:{v}:users"), users)
+        written = {v: dict(zip(users, got)) for v, got in zip(versions, pipe.execute())}
+        for probe in probes:
+            for v in probe.versions:
+                if int(written[v].get(probe.user_id) or -1) > probe.state_version:
+                    found[v].pop(probe.user_id, None)
+        return found
 
     def _rank(self, version: str, vector: np.ndarray, probe: Probe) -> int | None:
         """1-based rank of the item among ``version``'s candidates for the user, None beyond DEPTH."""
