@@ -170,7 +170,7 @@ def test_export_gives_an_artifact_whose_onnx_matches_torch(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluation_table_has_baselines_slices_and_widths(stack_world, trained, tmp_path):
+def test_evaluation_table_has_baselines_slices_and_widths(stack_world, data, trained, tmp_path):
     settings, _ = stack_world
     config, _ = read_run(trained)
     table, result = run_evaluation(settings, config, {"fine-tuned": trained}, tmp_path, max_queries=None)
