@@ -2,8 +2,8 @@
 
 - ``training.dataset``: point-in-time examples (user as of t, positive with counters as of t, hard
   negatives shown-not-engaged nearest to t), time split, parquet cache keyed by a fingerprint.
-- ``training.train``: sentence-transformers trainer, Matryoshka(InfoNCE with in-batch + hard
-  negatives), NO_DUPLICATES batches, LoRA / cached-loss / bf16 / gradient-checkpointing options.
+- ``training.train``: sentence-transformers trainer, Matryoshka(logQ-corrected InfoNCE with in-batch + hard
+  negatives, ``training.losses``), NO_DUPLICATES batches, LoRA / cached-loss / bf16 / gradient-checkpointing options.
 - ``training.evaluate``: recall@10/50/100 and NDCG@10 over the catalogue, cold slices, every width,
   against popularity, ALS and the untuned tower.
 

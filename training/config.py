@@ -39,7 +39,7 @@ class TrainConfig(BaseModel):
     pooling: Literal["mean", "lasttoken"] = "mean"
     dim: int = Field(default=512, ge=8)
     max_seq_length: int = Field(default=256, ge=16)
-    lora: bool = Field(default=False, description="train LoRA adapters (for models of 1B and up) instead of all weights")
+    lora: bool = Field(default=False, description="train LoRA adapters instead of all weights: the tower then ships as a few MB (models/tuned.py)")
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
