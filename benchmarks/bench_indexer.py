@@ -30,7 +30,7 @@ from rich.table import Table
 
 from indexer.candidates import Retriever
 from indexer.vectors import VectorIndex
-from onetower.settings import Settings
+from core.settings import Settings
 
 console = Console(width=200)  # the table is wide; keep it whole in logs and pipes
 TARGET_P99_MS = 20.0

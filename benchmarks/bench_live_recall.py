@@ -33,7 +33,7 @@ from indexer.reindex import Reindexer  # noqa: E402
 from indexer.vectors import VectorIndex  # noqa: E402
 from models.encoder import Encoder  # noqa: E402
 from onetower.prefixes import isolated, purge  # noqa: E402
-from onetower.settings import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from streams.events import EngagementEvent, Event  # noqa: E402
 from streams.movielens import events_from_wheel, recbole_wheel  # noqa: E402
 from streams.producer import EventProducer  # noqa: E402

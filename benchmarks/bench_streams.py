@@ -31,11 +31,11 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from indexer.texts import user_texts
+from models.texts import user_texts
 from indexer.vectors import VectorIndex
 from models.encoder import Encoder
 from onetower.prefixes import isolated, purge
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import EngagementEvent, ItemEvent
 from streams.movielens import TOPIC_ORDER, events_from_wheel, recbole_wheel
 from streams.producer import EventProducer

@@ -25,9 +25,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 
 from indexer.candidates import CandidateResult, InvalidRequest, Retriever, ServiceUnavailable, UnknownUser
-from indexer.vectors import MAX_TOPK, InvalidFilter, Unavailable
+from core.errors import Unavailable
+from indexer.vectors import MAX_TOPK, InvalidFilter
 from models.errors import RenderError
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import EntityId, FeatureValue
 
 log = logging.getLogger("onetower.api")

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 import numpy as np
 import redis
 
-from indexer.texts import user_state_texts, user_text
-from indexer.vectors import MAX_TOPK, Unavailable, VectorIndex
-from onetower.settings import Settings, get_settings
+from core.errors import OnetowerError, Unavailable
+from models.texts import user_state_texts, user_text
+from indexer.vectors import MAX_TOPK, VectorIndex
+from core.settings import Settings, get_settings
 from streams.state import StateStore
 
 if TYPE_CHECKING:
@@ -29,11 +30,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class UnknownUser(LookupError):
+class UnknownUser(OnetowerError, LookupError):
     """The user has neither a vector in the active version nor any state to encode one from."""
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(OnetowerError, ValueError):
     """A parameter out of range (k); the message says which."""
 
 

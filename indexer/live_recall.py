@@ -30,7 +30,7 @@ import numpy as np
 
 from indexer.candidates import Retriever
 from indexer.vectors import VectorIndex
-from onetower.settings import Settings
+from core.settings import Settings
 from streams import metrics
 from streams.events import EngagementEvent
 from streams.state import StateStore

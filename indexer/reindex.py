@@ -33,10 +33,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from indexer.texts import item_state_texts, user_state_texts
+from core.errors import OnetowerError
+from models.texts import item_state_texts, user_state_texts
 from indexer.vectors import VectorIndex, VersionError
 from models.encoder import Encoder
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import InvalidEvent, ItemEvent, parse_event
 from streams.state import ItemState, StateStore, UserState
 
@@ -44,7 +45,7 @@ SAMPLE_MIN_COSINE = 0.99  # a stored vector against a fresh encoding of the same
 INDEX_WAIT_S = 1800.0
 
 
-class ReindexError(RuntimeError):
+class ReindexError(OnetowerError):
     """The re-index cannot start or its checks failed; the aliases were not moved."""
 
 

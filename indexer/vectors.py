@@ -32,7 +32,8 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.client.types import LoadState
 from pymilvus.exceptions import MilvusException
 
-from onetower.settings import Settings
+from core.errors import OnetowerError, Unavailable
+from core.settings import Settings
 
 # pymilvus logs a full traceback for every failed call, expected ones included; ours re-raise as
 # one-line errors below, so its own logging only adds noise.
@@ -46,24 +47,15 @@ _VERSION_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 _META_DIM = 2  # Milvus requires a vector field in every collection; the metadata one never searches it
 
 
-class Unavailable(RuntimeError):
-    """A server cannot answer. The message says which server, where and why (for logs and the CLI);
-    ``public`` says what failed without any server address, for HTTP clients."""
-
-    def __init__(self, message: str, public: str | None = None) -> None:
-        super().__init__(message)
-        self.public = public or message
-
-
 class IndexUnavailable(Unavailable):
     """Milvus cannot answer (down, timed out, or no active version yet); the message says which."""
 
 
-class InvalidFilter(ValueError):
+class InvalidFilter(OnetowerError, ValueError):
     """A filter expression that Milvus rejected; the message is Milvus' reason."""
 
 
-class VersionError(ValueError):
+class VersionError(OnetowerError, ValueError):
     """A version that does not exist, cannot be named, or cannot be dropped or activated."""
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from core.errors import OnetowerError
+
 Resource = dict[str, Any]
 
 SUPPORTED_KEYS = {
@@ -47,7 +49,7 @@ MERGE_KEYS = {
 }
 
 
-class KustomizeError(ValueError):
+class KustomizeError(OnetowerError, ValueError):
     """A kustomization this renderer cannot render (unsupported feature or bad input)."""
 
 

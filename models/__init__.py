@@ -1,2 +1,2 @@
-"""The shared tower: rendering (render), the model (tower), its ONNX graph (onnx_graph), versioned artifacts
-(artifact), the runtime (encoder), the benchmark (bench) and the ``onetower model`` commands (cli)."""
+"""The shared tower: state to text (render, texts), the model (tower, tuned), reading and writing versions
+(artifact, export, onnx_graph), the runtime (encoder, incremental) and its benchmark (bench)."""

@@ -24,13 +24,14 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from models.artifact import ModelArtifact, export_artifact
+from models.artifact import ModelArtifact
+from models.export import export_artifact
 from models.encoder import Encoder, TorchEncoder, padding_fraction, plan_batches
 from models.errors import ArtifactError
 from models.render import render_item, render_user
 from models.samples import MOVIES, movie_features, sample_items, sample_users
 from models.tower import build_tower
-from onetower.settings import get_settings
+from core.settings import get_settings
 
 BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
 

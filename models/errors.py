@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from core.errors import OnetowerError
 
-class ModelError(Exception):
+
+class ModelError(OnetowerError):
     """A base model, artifact or input that the models package cannot use."""
 
 

@@ -23,26 +23,22 @@ profile changes or the token budget drops the oldest entries; the incremental en
 
 from __future__ import annotations
 
-import bisect
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.errors import RenderError
+from streams.counters import COUNTER_NAMES
 
 PROMPT_FORMAT_VERSION = "1"
 
 Value = str | int | float | bool
 ITEM_FIELDS = ("title", "name", "type", "category", "author", "genres", "tags", "year", "language", "description", "text")
 USER_FIELDS = ("age", "gender", "occupation", "location", "zip", "language", "headline", "interests")
-COUNTER_FIELDS = (
-    "impressions_1h", "impressions_24h", "impressions_7d",
-    "engagements_1h", "engagements_24h", "engagements_7d",
-)  # fmt: skip
+COUNTER_FIELDS = COUNTER_NAMES  # the counters the state keeps are the ones the prompt can carry
 STRUCTURE_MARKERS = ("[ITEM]", "[USER]", "[HISTORY]", "[FIELD]", "[PCT]", "[/PCT]")
 
 
@@ -152,52 +148,3 @@ def render_user(
         if keep == 0 or len(tokenizer([text], add_special_tokens=True)["input_ids"][0]) <= max_tokens:
             return text
         keep -= 1
-
-
-class PercentileTable(BaseModel):
-    """Maps a raw count to its percentile bucket 1-100 among the counts it was fitted on.
-
-    ``edges`` are the 1st..99th percentiles; a count's bucket is 1 + the number of edges below it, so
-    the bucket says what share of items had fewer events (0 impressions stays in bucket 1 even when
-    most items have none). An empty table (fitted on nothing yet) puts every count in bucket 1.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    edges: list[int] = Field(default_factory=list)
-    n: int = Field(default=0, ge=0, description="how many counts the table was fitted on")
-
-    @model_validator(mode="after")
-    def _check(self) -> PercentileTable:
-        if len(self.edges) not in (0, 99):
-            raise ValueError(f"edges must hold 99 percentiles (or none), not {len(self.edges)}")
-        if any(a > b for a, b in zip(self.edges, self.edges[1:])):
-            raise ValueError("edges must be non-decreasing")
-        return self
-
-    @classmethod
-    def fit(cls, counts: Iterable[int]) -> PercentileTable:
-        """The table of one population of counts (e.g. every item's 24 h impressions)."""
-        values = np.fromiter(counts, dtype=np.int64)
-        if values.size == 0:
-            return cls()
-        if values.min() < 0:
-            raise RenderError("counts cannot be negative")
-        edges = np.quantile(values, np.arange(1, 100) / 100, method="inverted_cdf")
-        return cls(edges=[int(e) for e in edges], n=int(values.size))
-
-    def bucket(self, count: int) -> int:
-        """The percentile bucket 1-100 of ``count``."""
-        if count < 0:
-            raise RenderError(f"count {count} is negative")
-        return 1 + bisect.bisect_left(self.edges, count)
-
-    def to_json(self) -> str:
-        return self.model_dump_json()
-
-    @classmethod
-    def from_json(cls, s: str | bytes) -> PercentileTable:
-        try:
-            return cls.model_validate_json(s)
-        except ValidationError as exc:
-            raise RenderError(f"not a percentile table: {exc.errors()[0]['msg']}") from None

@@ -18,7 +18,7 @@ from sentence_transformers.sentence_transformer.modules import Dense, Module, No
 
 from models.errors import ModelError
 from models.render import MARKER_TOKENS
-from onetower.settings import get_settings
+from core.settings import get_settings
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m"

@@ -123,7 +123,8 @@ def shipped(name: str = DEFAULT_TOWER) -> Path:
 def served_artifact(models_dir: Path, tuned_dir: Path | None = None, *, int8: bool = False) -> Path:
     """The ONNX artifact of a tuned tower (default: the shipped default), exported once into
     ``models_dir/<version>`` and reused; the adapter is merged into the graph."""
-    from models.artifact import MANIFEST, ModelArtifact, export_artifact
+    from models.artifact import MANIFEST, ModelArtifact
+    from models.export import export_artifact
 
     tuned_dir = tuned_dir or shipped()
     tower = read_tuned(tuned_dir)

@@ -1,4 +1,4 @@
-"""The ``onetower`` command: one typer app; each package contributes its commands from its own ``cli`` module."""
+"""The ``onetower`` command: one typer app joining the command groups of the application layer (``*_cli`` modules)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from onetower.settings import get_settings
+from core.settings import get_settings
 
 app = typer.Typer(
     name="onetower",
@@ -42,7 +42,7 @@ def apply_overrides(overrides: dict) -> None:
     """Validate flag values through the settings model and set them on the process-wide settings."""
     from pydantic import ValidationError
 
-    from onetower.settings import Settings
+    from core.settings import Settings
 
     settings = get_settings()
     try:
@@ -62,16 +62,16 @@ def _register() -> None:
     from onetower import demo
 
     app.add_typer(demo.app)
-    from streams import cli as streams_cli
+    from onetower import streams_cli
 
     app.add_typer(streams_cli.app)
-    from training import cli as training_cli
+    from onetower import training_cli
 
     app.add_typer(training_cli.app)
-    from models import cli as models_cli
+    from onetower import models_cli
 
     app.add_typer(models_cli.app, name="model", help="Build, export and benchmark the shared encoder tower.")
-    from indexer import cli as indexer_cli
+    from onetower import indexer_cli
 
     app.add_typer(indexer_cli.app)
 

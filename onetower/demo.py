@@ -23,7 +23,7 @@ from rich.table import Table
 
 from onetower import stack
 from onetower.cli_common import console, fail
-from onetower.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 app = typer.Typer()
 T = TypeVar("T")
@@ -156,7 +156,7 @@ def _run(settings: Settings, model_dir: Path, timeout_s: float, short: bool) -> 
     from streams.events import EngagementEvent
     from streams.producer import EventProducer
     from streams.state import StateStore
-    from streams.worker import app_id
+    from onetower.worker import app_id
 
     store, index = StateStore.from_settings(settings), VectorIndex(settings)
     version = ModelArtifact.load(model_dir).version

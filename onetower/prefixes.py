@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 
-from onetower.settings import Settings
+from core.settings import Settings
 
 
 def isolated(base: Settings, tag: str = "t", **overrides: object) -> Settings:

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from onetower.settings import Settings
+from core.errors import OnetowerError
+from core.settings import Settings
 
 
-class StackError(RuntimeError):
+class StackError(OnetowerError):
     """A server could not be started, found or stopped; the message says what to do."""
 
 

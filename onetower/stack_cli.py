@@ -8,7 +8,7 @@ from rich.table import Table
 
 from onetower import stack
 from onetower.cli_common import console, fail
-from onetower.settings import get_settings
+from core.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True)
 

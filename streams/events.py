@@ -30,6 +30,8 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator)
 
+from core.errors import OnetowerError
+
 SCHEMA_VERSION = 1
 ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 MAX_FEATURES_BYTES = 16 * 1024
@@ -62,7 +64,7 @@ FeatureValue = Annotated[Union[Text, int, Annotated[float, Field(allow_inf_nan=F
 Features = dict[Text, FeatureValue]
 
 
-class InvalidEvent(ValueError):
+class InvalidEvent(OnetowerError, ValueError):
     """Raised for bytes that are not a valid event of the expected kind; the message is the reason."""
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kafka import KafkaConsumer, TopicPartition
 
-from onetower.settings import TOPIC_KINDS, Settings
+from core.settings import TOPIC_KINDS, Settings
 
 
 def topic_counts(settings: Settings) -> dict[str, int]:

@@ -16,7 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from onetower.settings import Settings
+from core.errors import OnetowerError
+from core.settings import Settings
 from streams.events import EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent, event_type
 
 RECBOLE = "recbole==1.2.1"
@@ -25,7 +26,7 @@ TOPIC_ORDER = ("items", "users", "impressions", "engagements")  # ties in event 
 ENGAGED_RATING = 4
 
 
-class MovieLensError(RuntimeError):
+class MovieLensError(OnetowerError):
     """The data set could not be fetched, read or replayed; the message says why."""
 
 

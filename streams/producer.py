@@ -7,7 +7,7 @@ from typing import Iterable
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import ORIGIN_HEADER, DeadLetter, Event
 from streams.topics import KafkaUnavailable
 

@@ -49,16 +49,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import redis
 
-from onetower.settings import Settings
-from streams.counters import BUCKET_MS, COUNTER_NAMES, MAX_WINDOW_H, SIGNALS, window_counts
+from core.settings import Settings
+from streams.counters import BUCKET_MS, COUNTER_NAMES, MAX_WINDOW_H, SIGNALS, PercentileTable, window_counts
 from streams.events import EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent
-
-if TYPE_CHECKING:
-    from models.render import PercentileTable
 
 Kind = Literal["users", "items"]
 REJECTED = "REJECTED"  # prefix of the error an event script replies when the event's own data failed it
@@ -418,17 +415,13 @@ class StateStore:
         return [HistoryEntry(i.decode(), int(ts)) for i, ts in self.r.zrange(self._u(user_id, "i"), 0, -1, withscores=True)]
 
     # -- popularity percentiles ------------------------------------------------------------------
-    def percentile_tables(self) -> dict[str, "PercentileTable"]:
+    def percentile_tables(self) -> dict[str, PercentileTable]:
         """The stored table per counter name (empty until the first refresh)."""
-        from models.render import PercentileTable
-
         return {k.decode(): PercentileTable.from_json(v.decode()) for k, v in self.r.hgetall(self._q("pct")).items()}
 
-    def refresh_percentile_tables(self, batch: int = 1000) -> dict[str, "PercentileTable"]:
+    def refresh_percentile_tables(self, batch: int = 1000) -> dict[str, PercentileTable]:
         """Refit every counter's table on all items' counts, store it, and mark dirty every item
         whose bucket moved (the buckets are part of the item's text)."""
-        from models.render import PercentileTable
-
         ids = list(dict.fromkeys(self.item_ids()))
         states = [st for start in range(0, len(ids), batch) for st in self.items(ids[start:start + batch]) if st]
         if not states:
@@ -443,7 +436,7 @@ class StateStore:
         """True for the one caller (of all workers) that should refit the tables in this interval."""
         return bool(self.r.set(self._q("pct:due"), 1, nx=True, px=max(int(interval_s * 1000), 1)))
 
-    def check_buckets(self, limit: int = 1000, tables: Mapping[str, "PercentileTable"] | None = None) -> list[str]:
+    def check_buckets(self, limit: int = 1000, tables: Mapping[str, PercentileTable] | None = None) -> list[str]:
         """Items whose counters changed: mark dirty those whose percentile bucket moved; returns them.
 
         The check is off the event path (so an event stays one script call) and crash-safe: an item
@@ -457,7 +450,7 @@ class StateStore:
         states = [st for st in self.items(list(change_no)) if st]
         return self._recheck(states, tables, change_no)
 
-    def _recheck(self, states: Sequence[ItemState], tables: Mapping[str, "PercentileTable"],
+    def _recheck(self, states: Sequence[ItemState], tables: Mapping[str, PercentileTable],
                  change_no: Mapping[str, int]) -> list[str]:
         stored = self.r.pipeline(transaction=False)
         for st in states:

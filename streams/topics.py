@@ -10,13 +10,14 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from pydantic import ValidationError
 
-from onetower.settings import Settings
+from core.errors import Unavailable
+from core.settings import Settings
 from streams.events import DeadLetter
 
 COMPACTED = ("items", "users")
 
 
-class KafkaUnavailable(RuntimeError):
+class KafkaUnavailable(Unavailable):
     """The broker could not be reached; the message names the address."""
 
 

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from onetower import stack  # noqa: E402
 from onetower.prefixes import isolated as unique_settings  # noqa: E402
 from onetower.prefixes import purge  # noqa: E402
-from onetower.settings import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

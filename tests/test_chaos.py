@@ -24,7 +24,7 @@ import pytest
 from indexer.vectors import VectorIndex
 from onetower import stack
 from onetower.prefixes import isolated, purge
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import Event
 from streams.movielens import TOPIC_ORDER, events_from_wheel, recbole_wheel
 from streams.producer import EventProducer

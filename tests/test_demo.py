@@ -11,7 +11,7 @@ import pytest
 
 from onetower import stack
 from onetower.demo import ready_group_lag
-from onetower.settings import Settings
+from core.settings import Settings
 
 pytestmark = pytest.mark.stack
 

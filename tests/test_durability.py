@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 
 from onetower import stack
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import EngagementEvent, ItemEvent, UserEvent
 from streams.state import StateStore
 

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, Phase, given, settings as hsettings, strateg
 from kafka import KafkaProducer
 
 from onetower.prefixes import isolated, purge
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import (ID_PATTERN, INT64, MAX_DEAD_RAW_BYTES, MAX_FEATURES_BYTES, MAX_PAST, EngagementEvent, Event,
                             ImpressionEvent, InvalidEvent, Origin, event_type, parse_event)
 from streams.state import StateStore

@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from indexer.api import create_app
 from indexer.candidates import Retriever, UnknownUser
 from indexer.vectors import IndexUnavailable, InvalidFilter, VectorIndex, VersionError
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import EngagementEvent
 from streams.state import StateStore
 

@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 from indexer.api import create_app
 from indexer.candidates import Retriever, UnknownUser
 from indexer.reindex import ReindexError, reindex
-from indexer.texts import item_texts, user_texts
+from models.texts import item_texts, user_texts
 from indexer.vectors import VectorIndex
-from models.artifact import export_artifact
+from models.export import export_artifact
 from models.encoder import Encoder
 from models.testing import tiny_llama
 from models.tower import build_tower
 from onetower.cli import app
-from onetower.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 from streams.events import EngagementEvent, ImpressionEvent, ItemEvent, UserEvent
 from streams.producer import EventProducer
 from streams.state import StateStore
@@ -65,7 +65,7 @@ def test_reindex_rollback_and_cold_start(srv: Settings, models: dict[str, Path],
     assert index.active_version() == "tiny_a" and index.count("items", "tiny_a") == 6
     assert index.version_info("tiny_a")["state"] == "active"
 
-    # The stored vectors are the encoder's output on indexer.texts' texts.
+    # The stored vectors are the encoder's output on models.texts' texts.
     encoder = Encoder.load(models["tiny_a"])
     stored = index.get_vectors("items", "tiny_a", ["m3"], strong=True)["m3"]
     np.testing.assert_allclose(stored, encoder.encode(item_texts(store, ["m3"]))[0], atol=1e-5)

@@ -18,9 +18,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from streams.worker import app_id
+from onetower.worker import app_id
 
-from onetower.settings import TOPIC_KINDS, Settings
+from core.settings import TOPIC_KINDS, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -253,7 +253,7 @@ def test_configmap_and_secret_hold_only_settings_fields(rendered, name, monkeypa
     env = settings_env(rendered[name])
     secret = one(rendered[name], "Secret", prefix="onetower-secrets-")["data"]
     for key in [*env, *secret]:
-        assert key in fields, f"{key} is not a Settings field (onetower/settings.py); regenerate with k8s/render_env.py"
+        assert key in fields, f"{key} is not a Settings field (core/settings.py); regenerate with k8s/render_env.py"
     assert not set(env) & set(secret)
     assert {fields[k] for k in secret} == render_env.SECRET_FIELDS
     # The pods' environment reads back as the in-cluster settings.
@@ -513,7 +513,7 @@ def test_build_context_holds_what_the_images_copy(dockerfile):
 
 def _exported_names() -> set[str]:
     """Every series name the worker's metrics export (a counter adds _total, a histogram _bucket/_sum/_count)."""
-    import streams.refresher  # noqa: F401 (registers its metrics)
+    import indexer.refresher  # noqa: F401 (registers its metrics)
     from prometheus_client import REGISTRY
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

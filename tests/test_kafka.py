@@ -8,7 +8,7 @@ import sys
 import pytest
 from kafka import KafkaConsumer
 
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import EngagementEvent, ItemEvent, parse_event
 from streams.producer import EventProducer
 from streams.topics import KafkaUnavailable, admin_client, ensure_topics

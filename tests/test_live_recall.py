@@ -20,7 +20,7 @@ from indexer.reindex import Reindexer
 from indexer.vectors import VectorIndex
 from models.encoder import Encoder
 from onetower.prefixes import purge
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import EngagementEvent
 from streams.movielens import events_from_wheel, recbole_wheel
 from streams.producer import EventProducer
@@ -115,7 +115,7 @@ def test_promotion_compares_the_same_engagements_in_both_versions(lsettings: Set
 
 def test_a_reindex_promotes_only_on_live_recall_scored_in_both_versions(
         lsettings: Settings, tiny_model: Path, scoring_worker: None, tmp_path: Path) -> None:
-    from models.artifact import export_artifact
+    from models.export import export_artifact
     from models.tower import build_tower
 
     base = tiny_model.parent / "llama"

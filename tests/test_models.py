@@ -11,7 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from models.artifact import MANIFEST, ModelArtifact, export_artifact, probe_texts
+from models.artifact import MANIFEST, ModelArtifact
+from models.export import export_artifact, probe_texts
 from models.encoder import Encoder, TorchEncoder, padding_fraction, plan_batches
 from models.errors import ArtifactError, ModelError
 from models.render import MARKER_TOKENS, render_item, render_user
@@ -19,7 +20,7 @@ from models.samples import sample_items, sample_users
 from models.testing import tiny_llama
 from models.tower import Truncate, build_tower, resolve_base_model, truncate
 from onetower.cli import app
-from onetower.settings import get_settings
+from core.settings import get_settings
 
 TEXTS = probe_texts()
 

@@ -6,7 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from models.errors import RenderError
-from models.render import MARKER_TOKENS, PercentileTable, render_item, render_user
+from models.render import MARKER_TOKENS, render_item, render_user
+from streams.counters import CounterError, PercentileTable
 from models.samples import movie_features
 from models.tower import minilm_dir
 
@@ -112,11 +113,11 @@ def test_percentile_table_buckets():
 def test_percentile_table_json_round_trip_and_errors():
     table = PercentileTable.fit([3, 1, 4, 1, 5, 9, 2, 6])
     assert PercentileTable.from_json(table.to_json()) == table
-    with pytest.raises(RenderError, match="99 percentiles"):
+    with pytest.raises(CounterError, match="99 percentiles"):
         PercentileTable.from_json('{"edges": [1, 2], "n": 2}')
-    with pytest.raises(RenderError, match="non-decreasing"):
+    with pytest.raises(CounterError, match="non-decreasing"):
         PercentileTable.from_json('{"edges": ' + str(list(range(99, 0, -1))) + ', "n": 5}')
-    with pytest.raises(RenderError, match="negative"):
+    with pytest.raises(CounterError, match="negative"):
         PercentileTable.fit([1, -2])
-    with pytest.raises(RenderError, match="negative"):
+    with pytest.raises(CounterError, match="negative"):
         table.bucket(-1)

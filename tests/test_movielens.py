@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.movielens import MEMBER, convert, read_events, recbole_wheel
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from indexer.vectors import VectorIndex
 from models.encoder import Encoder
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import EngagementEvent, ItemEvent, UserEvent
-from streams.refresher import STALE_WRITES, Refresher
+from indexer.refresher import STALE_WRITES, Refresher
 from streams.state import StateStore
 from tests.test_worker import tiny_model  # noqa: F401  (the fixture)
 

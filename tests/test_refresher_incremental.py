@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from indexer.texts import user_texts
+from models.texts import user_texts
 from indexer.vectors import VectorIndex
 from models.encoder import Encoder
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import EngagementEvent, ItemEvent, UserEvent
-from streams.refresher import Refresher
+from indexer.refresher import Refresher
 from streams.state import StateStore
 from tests.test_refresher import T0, at, stored
 from tests.test_worker import tiny_model  # noqa: F401  (the fixture)

@@ -11,10 +11,10 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from pydantic import SecretStr, ValidationError
 
 from onetower import stack
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import UserEvent
 from streams.state import StateStore
-from streams.worker import broker_credentials
+from onetower.worker import broker_credentials
 
 PASSWORD = "pa55:w/rd@x"  # characters a URL must escape
 URL_PASSWORD = "pa55%3Aw%2Frd%40x"

@@ -9,7 +9,7 @@ import redis
 from pymilvus import DataType, MilvusClient
 
 from onetower import stack
-from onetower.settings import Settings
+from core.settings import Settings
 
 pytestmark = pytest.mark.stack
 

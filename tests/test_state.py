@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 import redis
 
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.counters import BUCKET_MS, COUNTER_NAMES, PointInTimeCounters
 from streams.events import EngagementEvent, ImpressionEvent, ItemEvent, UserEvent
 from streams.state import HistoryEntry, StateStore, rejected
@@ -256,7 +256,7 @@ def test_an_event_its_own_state_fails_is_rejected_alone_and_can_be_applied_after
 
 
 def test_an_unrenderable_item_is_left_out_of_its_users_texts(store: StateStore) -> None:
-    from indexer.texts import item_texts, user_texts
+    from models.texts import item_texts, user_texts
 
     t = datetime(2024, 1, 1, tzinfo=timezone.utc)
     store.apply_many([ItemEvent(item_id=i, features={"title": f"Movie {i}"}, ts=t) for i in ("ok", "bad")]

@@ -13,7 +13,7 @@ import torch
 from models.artifact import ModelArtifact
 from models.encoder import Encoder, TorchEncoder
 from models.testing import tiny_llama
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent
 from streams.producer import EventProducer
 from streams.topics import ensure_topics

@@ -27,7 +27,7 @@ from pymilvus.exceptions import MilvusException
 
 from indexer.vectors import IndexUnavailable, VectorIndex
 from onetower.prefixes import purge
-from onetower.settings import Settings
+from core.settings import Settings
 from streams.events import DeadLetter, EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent
 from streams.producer import EventProducer
 from streams.state import StateStore
@@ -59,7 +59,7 @@ def poll(what: str, check: Callable[[], T | None], timeout: float = POLL_S) -> T
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LLaMA tower exported as an ONNX artifact (fast to load and encode)."""
-    from models.artifact import export_artifact
+    from models.export import export_artifact
     from models.testing import tiny_llama
     from models.tower import build_tower
 

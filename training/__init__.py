@@ -7,7 +7,7 @@
 - ``training.evaluate``: recall@10/50/100 and NDCG@10 over the catalogue, cold slices, every width,
   against popularity, ALS and the untuned tower.
 
-Commands: ``onetower train --config training/configs/movielens-minilm.yaml [flags]``,
+Commands (``onetower.training_cli``): ``onetower train --config training/configs/movielens-minilm.yaml [flags]``,
 ``onetower evaluate --config ... --model LABEL=RUN_DIR``, ``onetower export RUN_DIR --out DIR``.
 Several GPUs: ``torchrun --nproc_per_node 8 $(which onetower) train --config ...`` (rank 0 builds
 the dataset, the others read its cache; in-batch negatives are gathered across devices).

@@ -10,12 +10,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.errors import OnetowerError
 from training.dataset import DatasetOptions
 
 CONFIG_FILE = "training_config.json"  # written next to the trained model: evaluation rebuilds its inputs from it
 
 
-class ConfigError(ValueError):
+class ConfigError(OnetowerError, ValueError):
     """A config file or flag that cannot be used; the message names the field."""
 
 

@@ -37,9 +37,10 @@ from kafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from models.render import PROMPT_FORMAT_VERSION, PercentileTable, render_item, render_user
-from onetower.settings import Settings
-from streams.counters import COUNTER_NAMES, PointInTimeCounters, hour_bucket
+from core.errors import OnetowerError
+from models.render import PROMPT_FORMAT_VERSION, render_item, render_user
+from core.settings import Settings
+from streams.counters import COUNTER_NAMES, PercentileTable, PointInTimeCounters, hour_bucket
 from streams.events import (ORIGIN_HEADER, EngagementEvent, Event, ImpressionEvent, InvalidEvent, ItemEvent, Origin, UserEvent,
                             parse_event)
 from streams.topics import KafkaUnavailable
@@ -52,7 +53,7 @@ SPLITS = ("train", "val", "test")
 STALL_S = 60  # seconds without a record, while partitions are short of their end offsets, before giving up
 
 
-class DatasetError(RuntimeError):
+class DatasetError(OnetowerError):
     """The topics could not be read or hold nothing to train on; the message says why."""
 
 
@@ -145,7 +146,7 @@ class ReadStats:
 
 def _origin(record: ConsumerRecord) -> Origin:
     """The coordinates that identify a record without an event id, as the worker takes them
-    (``streams.worker.origin``): a DLQ replay's original ones from its header, else its own."""
+    (``onetower.worker.origin``): a DLQ replay's original ones from its header, else its own."""
     header = dict(record.headers or ()).get(ORIGIN_HEADER)
     return Origin.from_header(header) or Origin(record.topic, record.partition, record.offset)
 

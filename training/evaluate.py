@@ -36,7 +36,7 @@ SLICES = ("overall", "cold items", "cold users")
 
 def widths_for(full: int, widths: Iterable[int] | None = None) -> list[int]:
     """The Matryoshka widths (default: the settings') of a tower whose embedding has ``full`` dimensions, full included."""
-    from onetower.settings import get_settings
+    from core.settings import get_settings
 
     return sorted({w for w in (widths or get_settings().matryoshka_widths) if w < full} | {full})
 

@@ -23,10 +23,11 @@ from sentence_transformers.sentence_transformer.training_args import BatchSample
 from transformers import TrainerCallback
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
+from core.errors import OnetowerError
 from models.artifact import default_version
 from models.tower import build_tower
 from models.tuned import TunedTower, add_lora, merge_lora, save_tuned
-from onetower.settings import Settings
+from core.settings import Settings
 from training.config import TrainConfig, save_config
 from training.dataset import PointInTimeDataset, load_or_build
 from training.evaluate import EvalSet, RecallEvaluator, widths_for
@@ -163,7 +164,7 @@ def train(config: TrainConfig, settings: Settings, *, data: PointInTimeDataset |
     return config.output_dir
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(OnetowerError):
     """The loss or the gradient became NaN/inf: the weights are garbage and must not be saved as a model."""
 
 
@@ -186,7 +187,7 @@ def tuned_facts(config: TrainConfig, facts: dict, steps: int) -> TunedTower:
 def export(model: SentenceTransformer, config: TrainConfig, out_dir: Path, *, training_data_range: list[str] | None = None,
            version: str | None = None, int8: bool = False):
     """A trained tower as a ``models/`` artifact: HF files, ONNX graph, manifest with a new version."""
-    from models.artifact import export_artifact
+    from models.export import export_artifact
 
     span = tuple(datetime.fromisoformat(t) for t in training_data_range) if training_data_range else None
     return export_artifact(model, out_dir, version=version or config.version, base_model=config.base_model, int8=int8,

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from onetower.cli_common import console, fail
-from onetower.settings import get_settings
+from core.settings import get_settings
 from streams.events import EVENT_TYPES, DeadLetter, InvalidEvent, event_type, parse_event
 from streams.topics import KafkaUnavailable, dead_letters, ensure_topics
 
@@ -132,7 +132,7 @@ def worker(
     loglevel: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
     """Run a stream worker: apply events to Redis, re-encode what changed, upsert vectors (until SIGTERM)."""
-    from streams.worker import run_worker
+    from onetower.worker import run_worker
 
     settings = get_settings()
     refresher = None
@@ -140,7 +140,7 @@ def worker(
         from indexer.vectors import VectorIndex
         from models.encoder import Encoder
         from models.errors import ModelError
-        from streams.refresher import Refresher
+        from indexer.refresher import Refresher
         from streams.state import StateStore
 
         from models.tuned import served_artifact

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from onetower.cli_common import console, fail
-from onetower.settings import get_settings
+from core.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -40,7 +40,7 @@ def export(
     overwrite: bool = typer.Option(False, help="replace a non-empty OUT"),
 ) -> None:
     """Build the untuned tower and export it, so the system can index before any training."""
-    from models.artifact import export_artifact
+    from models.export import export_artifact
     from models.errors import ModelError
     from models.tower import build_tower
 

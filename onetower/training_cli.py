@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from onetower.cli_common import console, fail
-from onetower.settings import get_settings
+from core.settings import get_settings
 
 app = typer.Typer()
 

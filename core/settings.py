@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TOPIC_KINDS = ("items", "users", "impressions", "engagements", "dlq")
 
+MATRYOSHKA_WIDTHS = (512, 256, 128, 64)  # the default prefixes of an embedding trained and served
+
 
 class Settings(BaseSettings):
     """Addresses, topics, model and state locations for every part of onetower."""
@@ -61,7 +63,7 @@ class Settings(BaseSettings):
     base_model: str = Field(default="minilm", description="HF name or path, or 'minilm' / 'smollm2' (offline packages)")
     embedding_dim: int = Field(default=512, ge=8)
     max_seq_length: int = Field(default=256, ge=16)
-    matryoshka_widths: list[int] = Field(default=[512, 256, 128, 64], description="Matryoshka widths (a prefix of the embedding each); those above embedding_dim are dropped")
+    matryoshka_widths: list[int] = Field(default=list(MATRYOSHKA_WIDTHS), description="Matryoshka widths (a prefix of the embedding each); those above embedding_dim are dropped")
 
     # Streams
     history_len: int = Field(default=50, ge=1, description="positive items kept per user")

@@ -29,16 +29,16 @@ import numpy as np
 import redis
 from prometheus_client import Counter
 
-from indexer.texts import item_state_texts, user_state_texts
+from models.texts import item_state_texts, user_state_texts
 from indexer.vectors import IndexUnavailable, VectorIndex
-from onetower.settings import Settings
+from core.settings import Settings
 from streams import metrics
 from streams.state import Kind, Lease, StateStore
 
 if TYPE_CHECKING:
     from models.encoder import Encoder
     from models.incremental import IncrementalEncoder
-    from models.render import PercentileTable
+    from streams.counters import PercentileTable
 
 log = logging.getLogger("onetower.refresher")
 STALE_WRITES = Counter("onetower_stale_writes_skipped_total",

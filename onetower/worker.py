@@ -28,10 +28,10 @@ from faust.types import EventT
 
 from indexer.live_recall import LiveRecall, Probe, publish
 from indexer.vectors import IndexUnavailable, VectorIndex
-from onetower.settings import Settings
+from core.settings import Settings
 from streams import metrics
 from streams.events import ORIGIN_HEADER, DeadLetter, EngagementEvent, Event, InvalidEvent, Origin, parse_event
-from streams.refresher import Refresher
+from indexer.refresher import Refresher
 from streams.state import StateStore, rejected
 from streams.topics import ensure_topics
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from models.errors import RenderError
-from models.render import PercentileTable, Tokenizer, render_item, render_user
+from models.render import Tokenizer, render_item, render_user
+from streams.counters import PercentileTable
 
 if TYPE_CHECKING:
     from streams.state import ItemState, StateStore, UserState
