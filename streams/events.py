@@ -103,10 +103,15 @@ def _features_size(features: dict[str, Any]) -> dict[str, Any]:
 
 
 class Event(BaseModel):
-    """Fields every event carries: schema version, a unique id (for idempotency), event time."""
+    """Fields every event carries: schema version, a unique id (for idempotency), event time.
+
+    A subclass declares its topic kind (``kind``: the topic name after the prefix) and whether that
+    topic is compacted (``compacted``: it holds entity state, the latest event per key is enough);
+    listed in ``EVENT_TYPES``, it gets a topic, a worker agent and a place in the application order."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     kind: ClassVar[str]
+    compacted: ClassVar[bool] = False
 
     schema_version: Literal[1] = Field(default=SCHEMA_VERSION, alias="schema")
     event_id: EntityId = Field(default_factory=lambda: uuid.uuid4().hex)
@@ -138,6 +143,7 @@ class ItemEvent(Event):
     """An item was created, changed or deleted in the catalogue."""
 
     kind: ClassVar[str] = "items"
+    compacted: ClassVar[bool] = True
     item_id: EntityId
     features: Annotated[Features, AfterValidator(_features_size)] = Field(default_factory=dict)
     deleted: bool = False
@@ -151,6 +157,7 @@ class UserEvent(Event):
     """A user's profile features were set or changed."""
 
     kind: ClassVar[str] = "users"
+    compacted: ClassVar[bool] = True
     user_id: EntityId
     features: Annotated[Features, AfterValidator(_features_size)] = Field(default_factory=dict)
 
@@ -186,15 +193,25 @@ class EngagementEvent(Event):
         return self.user_id
 
 
+# The registry of event kinds: every topic, worker agent, replay and reader of events iterates it.
+# Its order is the application order: events with equal timestamps are applied in it (an item exists
+# before an engagement with it at the same instant).
 EVENT_TYPES: dict[str, type[Event]] = {t.kind: t for t in (ItemEvent, UserEvent, ImpressionEvent, EngagementEvent)}
+DLQ_KIND = "dlq"  # the dead-letter topic's kind: a topic of ``DeadLetter`` records, not of events
 
 
 def event_type(topic_kind: str) -> type[Event]:
-    """The event class for a topic kind ('items', 'users', 'impressions', 'engagements')."""
+    """The event class registered for a topic kind; ValueError names the known kinds otherwise."""
     try:
         return EVENT_TYPES[topic_kind]
     except KeyError:
         raise ValueError(f"unknown event kind {topic_kind!r}; expected one of {', '.join(EVENT_TYPES)}") from None
+
+
+def kind_rank(topic_kind: str) -> int:
+    """The kind's place in the application order: the tie-breaker after event time."""
+    event_type(topic_kind)
+    return list(EVENT_TYPES).index(topic_kind)
 
 
 def _finite(text: str) -> float:
