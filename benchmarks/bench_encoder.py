@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from core.settings import Settings
 from models.bench import run
 
 if __name__ == "__main__":
@@ -17,4 +18,4 @@ if __name__ == "__main__":
     parser.add_argument("--base", action="append", help="limit to these base models (repeatable)")
     parser.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime")
     args = parser.parse_args()
-    run(args.out, quick=args.quick, bases=args.base, threads=args.threads)
+    run(args.out, Settings(), quick=args.quick, bases=args.base, threads=args.threads)

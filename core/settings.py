@@ -10,8 +10,8 @@ from urllib.parse import urlparse
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-TOPIC_KINDS = ("items", "users", "impressions", "engagements", "dlq")
-
+TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")  # what Kafka allows
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "onetower"  # Kafka jars, datasets, converted models
 MATRYOSHKA_WIDTHS = (512, 256, 128, 64)  # the default prefixes of an embedding trained and served
 
 
@@ -22,7 +22,7 @@ class Settings(BaseSettings):
 
     # Where the local stack keeps data and logs, and where heavy downloads are cached.
     state_dir: Path = Field(default=Path.home() / ".onetower", description="data and logs of the local stack")
-    cache_dir: Path = Field(default=Path.home() / ".cache" / "onetower", description="Kafka jars and other downloads")
+    cache_dir: Path = Field(default=DEFAULT_CACHE_DIR, description="Kafka jars and other downloads")
 
     # Kafka
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -90,8 +90,7 @@ class Settings(BaseSettings):
     @field_validator("topic_prefix")
     @classmethod
     def _prefix_is_topic_safe(cls, v: str) -> str:
-        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-        if not set(v) <= allowed:
+        if not set(v) <= TOPIC_CHARS:
             raise ValueError("topic_prefix may hold only letters, digits, '.', '_' and '-'")
         return v
 
@@ -129,9 +128,10 @@ class Settings(BaseSettings):
         return parts._replace(netloc=f"{user}***@{parts.netloc.rsplit('@', 1)[1]}").geturl()
 
     def topic(self, kind: str) -> str:
-        """Full topic name for one of ``TOPIC_KINDS``."""
-        if kind not in TOPIC_KINDS:
-            raise ValueError(f"unknown topic kind {kind!r}; expected one of {', '.join(TOPIC_KINDS)}")
+        """Full topic name of a topic kind. Which kinds exist is the event registry's business
+        (``streams.events.EVENT_TYPES``, a layer above): here a kind only has to be a safe name."""
+        if not kind or not set(kind) <= TOPIC_CHARS:
+            raise ValueError(f"topic kind {kind!r} is not a name of letters, digits, '.', '_' and '-'")
         return f"{self.topic_prefix}{kind}"
 
     @property

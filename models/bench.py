@@ -31,7 +31,7 @@ from models.errors import ArtifactError
 from models.render import render_item, render_user
 from models.samples import MOVIES, movie_features, sample_items, sample_users
 from models.tower import build_tower
-from core.settings import get_settings
+from core.settings import Settings
 
 BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
 
@@ -129,7 +129,8 @@ def _parity(reference: np.ndarray, got: np.ndarray) -> dict[str, float]:
     return {"min": round(float(cos.min()), 6), "mean": round(float(cos.mean()), 6)}
 
 
-def bench_model(base: str, plan: Plan, work: Path, peak: float, console: Console, threads: int | None) -> tuple[list[Cell], dict]:
+def bench_model(base: str, plan: Plan, work: Path, peak: float, console: Console, threads: int | None,
+                settings: Settings) -> tuple[list[Cell], dict]:
     """All cells for one base model (its artifact is exported once into ``work`` and reused)."""
     out = work / f"artifact-{base}"
     try:
@@ -138,8 +139,7 @@ def bench_model(base: str, plan: Plan, work: Path, peak: float, console: Console
             raise ArtifactError("stale")
     except ArtifactError:
         console.print(f"exporting the untuned {base} tower to {out}")
-        settings = get_settings()
-        tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=settings.max_seq_length)
+        tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=settings.max_seq_length, cache_dir=settings.cache_dir)
         artifact = export_artifact(tower, out, base_model=base, int8=True, overwrite=True)
     encoders = {
         "torch": TorchEncoder.load(out),
@@ -214,6 +214,7 @@ def _plot(cells: list[Cell], path: Path) -> None:
 
 def run(
     out: Path,
+    settings: Settings,
     *,
     quick: bool = False,
     bases: Sequence[str] | None = None,
@@ -237,7 +238,7 @@ def run(
     console.print(f"fp32 matmul {plan.matmul_n}x{plan.matmul_n}: numpy {matmul['numpy']:.0f}, torch {matmul['torch']:.0f} GFLOP/s")
     cells, models = [], {}
     for base in bases or plan.bases:
-        got, models[base] = bench_model(base, plan, out, peak, console, threads)
+        got, models[base] = bench_model(base, plan, out, peak, console, threads, settings)
         cells += got
     wide = console if console.width >= 150 else Console(width=150, file=console.file)  # do not fold the tables
     wide.print(results_table(cells, peak))
@@ -350,7 +351,7 @@ def _incremental_table(cells: list[IncrementalCell], title: str) -> Table:
     return table
 
 
-def run_incremental(out: Path, *, base: str = "smollm2", users: int = 16, rounds: int = 3, threads: int | None = None,
+def run_incremental(out: Path, settings: Settings, *, base: str = "smollm2", users: int = 16, rounds: int = 3, threads: int | None = None,
                     console: Console | None = None) -> dict:
     """Full vs incremental re-encoding of users after one new entry (fp32 and fp16 cached keys/values),
     side by side in one run; prints a table and writes ``bench_incremental.json`` under ``out``. The full
@@ -359,7 +360,7 @@ def run_incremental(out: Path, *, base: str = "smollm2", users: int = 16, rounds
     if threads:
         torch.set_num_threads(threads)
     load_before = os.getloadavg()
-    tower = build_tower(base, dim=get_settings().embedding_dim, max_seq_length=512)
+    tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=512, cache_dir=settings.cache_dir)
     cells, what = _time_incremental(tower, users, rounds, (torch.float32, torch.float16))
     console.print(_incremental_table(cells, f"re-encoding a user after one new entry: {base}, {what}, {torch.get_num_threads()} threads"))
     load_after = os.getloadavg()

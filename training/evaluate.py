@@ -24,6 +24,7 @@ from scipy.sparse import csr_matrix
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
 
+from core.settings import MATRYOSHKA_WIDTHS
 from models.tower import truncate
 from training.dataset import SPLITS, PointInTimeDataset
 
@@ -34,11 +35,9 @@ NDCG_K = 10
 SLICES = ("overall", "cold items", "cold users")
 
 
-def widths_for(full: int, widths: Iterable[int] | None = None) -> list[int]:
-    """The Matryoshka widths (default: the settings') of a tower whose embedding has ``full`` dimensions, full included."""
-    from core.settings import get_settings
-
-    return sorted({w for w in (widths or get_settings().matryoshka_widths) if w < full} | {full})
+def widths_for(full: int, widths: Iterable[int] = MATRYOSHKA_WIDTHS) -> list[int]:
+    """The Matryoshka widths of a tower whose embedding has ``full`` dimensions, full included."""
+    return sorted({w for w in widths if w < full} | {full})
 
 
 def ranks(scores: np.ndarray, target: np.ndarray, exclude: list[np.ndarray]) -> np.ndarray:
@@ -319,7 +318,8 @@ def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, 
 
         methods["ALS (implicit)"] = als
         methods[f"untuned {config.base_model} tower"] = lambda: tower_scores(
-            build_tower(config.base_model, dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling), ev)
+            build_tower(config.base_model, dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling,
+                        cache_dir=settings.cache_dir), ev)
     for label, directory in models.items():
         trained = run_config(directory)
         variant = EvalSet.from_dataset(load_or_build(settings, trained.dataset_options()), split, max_queries=max_queries, seed=config.seed)

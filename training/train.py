@@ -130,7 +130,8 @@ def train(config: TrainConfig, settings: Settings, *, data: PointInTimeDataset |
     eval_ds = pair_dataset(val.slice(0, EVAL_LOSS_EXAMPLES), config.hard_negatives, logq=config.logq) if has_eval else None
     evaluator = RecallEvaluator(EvalSet.from_dataset(data, "val", max_queries=config.eval_max_queries, seed=config.seed)) if has_eval else None
 
-    model = build_tower(config.base_model, dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling)
+    model = build_tower(config.base_model, dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling,
+                        cache_dir=settings.cache_dir)
     if config.lora:
         add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds,
