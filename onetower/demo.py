@@ -21,9 +21,10 @@ from typing import Callable, Iterator, TypeVar
 import typer
 from rich.table import Table
 
+from core.errors import OnetowerError
+from core.settings import Settings, get_settings
 from onetower import stack
 from onetower.cli_common import console, fail
-from core.settings import Settings, get_settings
 
 app = typer.Typer()
 T = TypeVar("T")
@@ -39,19 +40,10 @@ def demo(
     timeout_s: float = typer.Option(1800.0, help="give up waiting for the worker after this long"),
 ) -> None:
     """Run the whole system once on MovieLens-100k and show a user's candidates change after an engagement."""
-    from indexer.candidates import ServiceUnavailable, UnknownUser
-    from indexer.reindex import ReindexError
-    from indexer.vectors import IndexUnavailable
-    from models.errors import ModelError
-    from streams.movielens import MovieLensError
-    from streams.topics import KafkaUnavailable
-
-    explained = (stack.StackError, MovieLensError, KafkaUnavailable, ModelError, ReindexError, UnknownUser,
-                 IndexUnavailable, ServiceUnavailable, TimeoutError)
     try:
         _demo(get_settings(), short, train, keep_stack, timeout_s)
     except Exception as exc:  # one line, never a traceback; errors not ours also name their type
-        raise fail(str(exc) if isinstance(exc, explained) else f"{type(exc).__name__}: {exc}") from None
+        raise fail(str(exc) if isinstance(exc, (OnetowerError, TimeoutError)) else f"{type(exc).__name__}: {exc}") from None
 
 
 def _demo(settings: Settings, short: bool, train: bool, keep_stack: bool, timeout_s: float) -> None:
