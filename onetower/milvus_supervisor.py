@@ -1,7 +1,7 @@
 """Runs the ``milvus`` package's standalone server and stops it through its API on SIGTERM.
 
 The package's own ``milvus-server`` wrapper only handles SIGINT and orphans its child on SIGTERM
-(DESIGN.md, Known traps), so the stack runs this small supervisor instead.
+(docs/DESIGN.md, Known traps), so the stack runs this small supervisor instead.
 """
 
 from __future__ import annotations

