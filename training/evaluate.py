@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 from scipy.sparse import csr_matrix
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
@@ -148,6 +149,21 @@ def popularity_scores(data: PointInTimeDataset, ev: EvalSet) -> np.ndarray:
     """Every query gets the catalogue ranked by engagements before the scored window."""
     matrix, _ = _fit_matrix(data, ev)
     return np.tile(np.asarray(matrix.sum(axis=0)).ravel(), (len(ev.queries), 1))
+
+
+def recent_popularity_scores(data: PointInTimeDataset, ev: EvalSet, days: int = 7) -> np.ndarray:
+    """Every query gets the catalogue ranked by engagements in the ``days`` before the scored window starts:
+    the trend a tower sees through its 7-day counters (the catalogue's counters are as of that start), so
+    a tower must beat it with the same information."""
+    start = data.meta[f"t_{ev.split}_ms"]
+    seen = _before(data, ev.split)
+    recent = seen.filter(pa.compute.greater_equal(seen.column("ts_ms"), start - days * 24 * 3600 * 1000))
+    index = {x: i for i, x in enumerate(ev.catalogue_ids)}
+    counts = np.zeros(len(index), dtype=np.float64)
+    for item in recent.column("item_id").to_pylist():
+        if item in index:
+            counts[index[item]] += 1
+    return np.tile(counts, (len(ev.queries), 1))
 
 
 def _history_matrix(ev: EvalSet) -> csr_matrix:
@@ -309,6 +325,7 @@ def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, 
     notes: list[str] = []
     if baselines:
         methods["popularity"] = lambda: {None: popularity_scores(data, ev)}
+        methods["popularity, last 7 days"] = lambda: {None: recent_popularity_scores(data, ev)}
 
         def als() -> dict[int | None, np.ndarray]:
             val = EvalSet.from_dataset(data, "val", max_queries=max_queries, seed=config.seed)
