@@ -37,7 +37,7 @@ from models.encoder import Encoder
 from onetower.prefixes import isolated, purge
 from core.settings import Settings
 from streams.events import EngagementEvent, ItemEvent
-from streams.movielens import TOPIC_ORDER, events_from_wheel, recbole_wheel
+from streams.movielens import events_from_wheel, recbole_wheel
 from streams.producer import EventProducer
 from streams.state import StateStore
 
@@ -145,7 +145,7 @@ def main() -> None:
         print(f"{name:<62} {value}", flush=True)
 
     by_kind = events_from_wheel(recbole_wheel(base))
-    events = [ev for kind in TOPIC_ORDER for ev in by_kind[kind]]
+    events = [ev for rows in by_kind.values() for ev in rows]  # kind by kind, in the application order
     ml_users = [ev.user_id for ev in by_kind["users"]]
     ml_items = [ev.item_id for ev in by_kind["items"]]
     dirtying = len(by_kind["users"]) + len(by_kind["items"]) + len(by_kind["engagements"])

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from onetower.cli_common import console, fail
 from core.settings import get_settings
-from streams.events import EVENT_TYPES, DeadLetter, InvalidEvent, event_type, parse_event
+from streams.events import DLQ_KIND, EVENT_TYPES, DeadLetter, InvalidEvent, event_type, parse_event
 from streams.topics import KafkaUnavailable, dead_letters, ensure_topics
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ dlq_app = typer.Typer(no_args_is_help=True, help="Records the stream workers cou
 app.add_typer(dlq_app, name="dlq")
 quarantine_app = typer.Typer(no_args_is_help=True, help="Users and items whose re-encoding failed on their data.")
 app.add_typer(quarantine_app, name="quarantine")
+KINDS_HELP = ", ".join(EVENT_TYPES)
 
 
 @app.command()
@@ -40,8 +41,8 @@ def topics() -> None:
 
 @app.command()
 def produce(
-    file: Optional[Path] = typer.Argument(None, help="a JSONL file of events, each with a 'topic' field (items, users, impressions, engagements)"),
-    topic: Optional[str] = typer.Option(None, help="for a single event: items, users, impressions or engagements"),
+    file: Optional[Path] = typer.Argument(None, help=f"a JSONL file of events, each with a 'topic' field ({KINDS_HELP})"),
+    topic: Optional[str] = typer.Option(None, help=f"for a single event: its topic kind ({KINDS_HELP})"),
     event: Optional[str] = typer.Option(None, "--event", help="for a single event: its JSON value"),
 ) -> None:
     """Send events to Kafka, from a JSONL file or one event given by flags."""
@@ -157,7 +158,7 @@ def worker(
 
 
 @dlq_app.command("list")
-def dlq_list(kind: Optional[str] = typer.Option(None, help="only records from this topic kind (items, users, ...)")) -> None:
+def dlq_list(kind: Optional[str] = typer.Option(None, help=f"only records from this topic kind ({KINDS_HELP})")) -> None:
     """Dead letters, oldest first per partition: where the record came from and why it failed."""
     settings = get_settings()
     table = Table("source topic", "partition", "offset", "key", "reason", "dead-lettered at")
@@ -168,11 +169,11 @@ def dlq_list(kind: Optional[str] = typer.Option(None, help="only records from th
     except KafkaUnavailable as exc:
         raise fail(str(exc)) from None
     console.print(table)
-    console.print(f"{table.row_count} dead letter(s) in {settings.topic('dlq')}")
+    console.print(f"{table.row_count} dead letter(s) in {settings.topic(DLQ_KIND)}")
 
 
 @dlq_app.command("replay")
-def dlq_replay(kind: Optional[str] = typer.Option(None, help="only records from this topic kind (items, users, ...)")) -> None:
+def dlq_replay(kind: Optional[str] = typer.Option(None, help=f"only records from this topic kind ({KINDS_HELP})")) -> None:
     """Send dead letters back to their source topics, after a fix. Idempotent: each record carries its
     original coordinates, which give a record without event id the same id every time."""
     from streams.producer import EventProducer

@@ -30,14 +30,14 @@ from indexer.live_recall import LiveRecall, Probe, publish
 from indexer.vectors import IndexUnavailable, VectorIndex
 from core.settings import Settings
 from streams import metrics
-from streams.events import ORIGIN_HEADER, DeadLetter, EngagementEvent, Event, InvalidEvent, Origin, parse_event
+from streams.events import (DLQ_KIND, EVENT_TYPES, ORIGIN_HEADER, DeadLetter, EngagementEvent, Event, InvalidEvent, Origin,
+                            parse_event)
 from indexer.refresher import Refresher
 from streams.state import StateStore, rejected
 from streams.topics import ensure_topics
 
 log = logging.getLogger("onetower.worker")
 
-KINDS = ("items", "users", "impressions", "engagements")
 TAKE_MAX = 500  # records per agent batch: one Redis round trip
 TAKE_WITHIN_S = 0.02  # longest wait to fill a batch
 REDIS_RETRY_S = 0.5
@@ -94,7 +94,7 @@ class EventApplier:
                 log.exception("parsing failed unexpectedly")
                 dead.append((rec, f"parsing failed: {type(exc).__name__}: {exc}"))
         if valid:
-            if self.scorer is not None and kind == "engagements":
+            if self.scorer is not None and kind == EngagementEvent.kind:
                 await self._score(self.scorer, [ev for ev, _ in valid if isinstance(ev, EngagementEvent)])
             results = await self._apply([ev for ev, _ in valid])
             for (ev, rec), res in zip(valid, results):
@@ -207,14 +207,14 @@ def build_app(settings: Settings, refresher: Refresher | None, store: StateStore
         producer_acks=-1,
         stream_wait_empty=True,
     )
-    dlq = app.topic(settings.topic("dlq"), key_serializer="raw", value_serializer="raw")
+    dlq = app.topic(settings.topic(DLQ_KIND), key_serializer="raw", value_serializer="raw")
 
     async def send_dlq(key: bytes | None, value: bytes) -> None:
         fut = await dlq.send(key=key, value=value)
         await fut  # delivered before the source record may be acknowledged
 
     scorer = LiveRecall(settings, VectorIndex(settings), store) if settings.live_recall_sample_rate > 0 else None
-    applier = EventApplier(store, send_dlq, ThreadPoolExecutor(len(KINDS), thread_name_prefix="apply"), scorer)
+    applier = EventApplier(store, send_dlq, ThreadPoolExecutor(len(EVENT_TYPES), thread_name_prefix="apply"), scorer)
 
     def agent_for(kind: str) -> None:
         topic = app.topic(settings.topic(kind), key_serializer="raw", value_serializer="raw")
@@ -228,7 +228,7 @@ def build_app(settings: Settings, refresher: Refresher | None, store: StateStore
 
         app.agent(topic, name=f"apply-{kind}")(consume)
 
-    for kind in KINDS:
+    for kind in EVENT_TYPES:  # one agent per registered event kind
         agent_for(kind)
 
     reported: set[tuple[str, str]] = set()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from kafka import KafkaConsumer, TopicPartition
 
-from core.settings import TOPIC_KINDS, Settings
+from core.settings import Settings
+from streams.events import EVENT_TYPES
+from streams.topics import topic_kinds
 
 
 def topic_counts(settings: Settings) -> dict[str, int]:
@@ -12,7 +14,7 @@ def topic_counts(settings: Settings) -> dict[str, int]:
     consumer = KafkaConsumer(**settings.kafka_client_config(), bootstrap_timeout_ms=10_000)
     try:
         counts = {}
-        for kind in TOPIC_KINDS:
+        for kind in topic_kinds():
             parts = consumer.partitions_for_topic(settings.topic(kind)) or set()
             tps = [TopicPartition(settings.topic(kind), p) for p in parts]
             begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
@@ -22,15 +24,16 @@ def topic_counts(settings: Settings) -> dict[str, int]:
         consumer.close()
 
 
-def group_lag(settings: Settings, group: str, kinds: tuple[str, ...] = ("items", "users", "impressions", "engagements")) -> int:
-    """Records of ``kinds`` not yet committed by consumer group ``group`` (all records when it has no offsets)."""
+def group_lag(settings: Settings, group: str) -> int:
+    """Records of the event topics not yet committed by consumer group ``group`` (all records when it
+    has no offsets)."""
     from kafka import KafkaAdminClient
 
     admin = KafkaAdminClient(**settings.kafka_client_config(), bootstrap_timeout_ms=10_000)
     consumer = KafkaConsumer(**settings.kafka_client_config(), bootstrap_timeout_ms=10_000)
     try:
         committed = admin.list_group_offsets(group).get(group, {})
-        tps = [TopicPartition(settings.topic(kind), p) for kind in kinds
+        tps = [TopicPartition(settings.topic(kind), p) for kind in EVENT_TYPES
                for p in consumer.partitions_for_topic(settings.topic(kind)) or ()]
         begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
         return sum(end[tp] - (committed[tp].offset if tp in committed else begin[tp]) for tp in tps)

@@ -12,9 +12,7 @@ from pydantic import ValidationError
 
 from core.errors import Unavailable
 from core.settings import Settings
-from streams.events import DeadLetter
-
-COMPACTED = ("items", "users")
+from streams.events import DLQ_KIND, EVENT_TYPES, DeadLetter
 
 
 class KafkaUnavailable(Unavailable):
@@ -29,11 +27,18 @@ def admin_client(settings: Settings) -> KafkaAdminClient:
         raise KafkaUnavailable(f"Kafka is unreachable at {settings.kafka_bootstrap} (is the stack up? `onetower stack up`)") from None
 
 
+def topic_kinds() -> list[str]:
+    """Every topic's kind: the registered event kinds in application order, then the DLQ."""
+    return [*EVENT_TYPES, DLQ_KIND]
+
+
 def topic_specs(settings: Settings) -> list[NewTopic]:
-    """One NewTopic per kind: items/users compacted, the rest retained for training."""
+    """One NewTopic per kind: entity state compacted (the event class says so), the rest retained
+    for training."""
     specs = []
-    for kind in ("items", "users", "impressions", "engagements", "dlq"):
-        configs = {"cleanup.policy": "compact"} if kind in COMPACTED else {"retention.ms": str(settings.topic_retention_ms)}
+    for kind in topic_kinds():
+        compacted = kind in EVENT_TYPES and EVENT_TYPES[kind].compacted
+        configs = {"cleanup.policy": "compact"} if compacted else {"retention.ms": str(settings.topic_retention_ms)}
         specs.append(NewTopic(name=settings.topic(kind), num_partitions=settings.topic_partitions,
                               replication_factor=1, topic_configs=configs))
     return specs
@@ -75,7 +80,7 @@ def dead_letters(settings: Settings, poll_ms: int = 1000) -> Iterator[DeadLetter
     consumer = KafkaConsumer(**settings.kafka_client_config(), enable_auto_commit=False, group_id=None,
                              client_id="onetower-dlq")
     try:
-        topic = settings.topic("dlq")
+        topic = settings.topic(DLQ_KIND)
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not partitions:
             return

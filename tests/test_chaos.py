@@ -25,8 +25,8 @@ from indexer.vectors import VectorIndex
 from onetower import stack
 from onetower.prefixes import isolated, purge
 from core.settings import Settings
-from streams.events import Event
-from streams.movielens import TOPIC_ORDER, events_from_wheel, recbole_wheel
+from streams.events import Event, kind_rank
+from streams.movielens import events_from_wheel, recbole_wheel
 from streams.producer import EventProducer
 from streams.state import StateStore
 from streams.topics import dead_letters
@@ -64,7 +64,7 @@ class Outcome:
 @pytest.fixture(scope="module")
 def movielens(local_stack: Settings) -> Slice:
     events = events_from_wheel(recbole_wheel(local_stack))
-    activity = sorted(events["impressions"] + events["engagements"], key=lambda e: (e.ts, TOPIC_ORDER.index(e.kind)))
+    activity = sorted(events["impressions"] + events["engagements"], key=lambda e: (e.ts, kind_rank(e.kind)))
     activity = activity[:N_EVENTS]
     users, items = sorted({e.user_id for e in activity}), sorted({e.item_id for e in activity})
     catalogue = ([e for e in events["items"] if e.item_id in set(items)]

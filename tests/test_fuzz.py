@@ -33,7 +33,7 @@ from core.settings import Settings
 from streams.events import (ID_PATTERN, INT64, MAX_DEAD_RAW_BYTES, MAX_FEATURES_BYTES, MAX_PAST, EngagementEvent, Event,
                             ImpressionEvent, InvalidEvent, Origin, event_type, parse_event)
 from streams.state import StateStore
-from streams.topics import COMPACTED, dead_letters, ensure_topics
+from streams.topics import dead_letters, ensure_topics
 from tests.test_worker import Worker, poll, tiny_model  # noqa: F401  (tiny_model: the session fixture)
 from training.dataset import DatasetOptions, ReadStats, load_or_build, read_events
 
@@ -218,7 +218,7 @@ def _parses(kind: str, value: bytes | None) -> bool:
 def invalid_record(draw: st.DrawFn) -> Record:
     kind, key, data = draw(valid_data())
     value = draw(invalid_value(kind, data))
-    keys = [st.just(key.encode()), st.binary(max_size=16)] + ([st.none()] if kind not in COMPACTED else [])
+    keys = [st.just(key.encode()), st.binary(max_size=16)] + ([st.none()] if not event_type(kind).compacted else [])
     kafka_key = draw(st.one_of(*keys))  # compacted topics refuse records without a key
     if value is None and kafka_key is None:
         kafka_key = b""  # a record needs a key or a value

@@ -20,7 +20,8 @@ import pytest
 
 from onetower.worker import app_id
 
-from core.settings import TOPIC_KINDS, Settings
+from core.settings import Settings
+from streams.topics import topic_kinds
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -398,7 +399,7 @@ def test_topics_are_the_applications(rendered):
     settings = render_env.in_cluster_settings()
     kafka = one(deps, "Kafka")
     topics = [r for r in deps if r["kind"] == "KafkaTopic"]
-    assert sorted(t["spec"]["topicName"] for t in topics) == sorted(settings.topic(k) for k in TOPIC_KINDS)
+    assert sorted(t["spec"]["topicName"] for t in topics) == sorted(settings.topic(k) for k in topic_kinds())
     assert all(t["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"] for t in topics)
     by_kind = {t["spec"]["topicName"].removeprefix(settings.topic_prefix): t["spec"]["config"] for t in topics}
     assert by_kind["items"]["cleanup.policy"] == by_kind["users"]["cleanup.policy"] == "compact"

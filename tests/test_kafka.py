@@ -9,9 +9,9 @@ import pytest
 from kafka import KafkaConsumer
 
 from core.settings import Settings
-from streams.events import EngagementEvent, ItemEvent, parse_event
+from streams.events import EVENT_TYPES, EngagementEvent, ItemEvent, UserEvent, parse_event
 from streams.producer import EventProducer
-from streams.topics import KafkaUnavailable, admin_client, ensure_topics
+from streams.topics import KafkaUnavailable, admin_client, ensure_topics, topic_kinds
 
 pytestmark = pytest.mark.stack
 
@@ -31,14 +31,17 @@ def consume_all(settings: Settings, kind: str, expected: int, timeout_ms: int = 
 
 def test_topics_created_once_with_policies(settings: Settings) -> None:
     created = ensure_topics(settings)
-    assert sorted(created) == sorted(settings.topic(k) for k in ("items", "users", "impressions", "engagements", "dlq"))
+    assert sorted(created) == sorted(settings.topic(k) for k in topic_kinds())
     assert ensure_topics(settings) == []
     admin = admin_client(settings)
     try:
         from kafka.admin import ConfigResource, ConfigResourceType
 
-        result = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, settings.topic("items"))])
-        assert result["topic"][settings.topic("items")]["cleanup.policy"]["value"] == "compact"
+        for kind, cls in EVENT_TYPES.items():  # entity state is compacted, activity retained
+            result = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, settings.topic(kind))])
+            configs = result["topic"][settings.topic(kind)]  # what was set on the topic, not the broker's defaults
+            assert (configs.get("cleanup.policy", {}).get("value") == "compact") == cls.compacted
+        assert ItemEvent.compacted and UserEvent.compacted
         partitions = admin.describe_topics([settings.topic("engagements")])[0]["partitions"]
         assert len(partitions) == settings.topic_partitions
     finally:
