@@ -195,7 +195,8 @@ class EngagementEvent(Event):
 
 # The registry of event kinds: every topic, worker agent, replay and reader of events iterates it.
 # Its order is the application order: events with equal timestamps are applied in it (an item exists
-# before an engagement with it at the same instant).
+# before an engagement with it at the same instant). These are topic kinds; the entity kinds of
+# ``streams.state.Kind`` and ``indexer.vectors.KINDS`` (items, users) are what gets encoded to vectors.
 EVENT_TYPES: dict[str, type[Event]] = {t.kind: t for t in (ItemEvent, UserEvent, ImpressionEvent, EngagementEvent)}
 DLQ_KIND = "dlq"  # the dead-letter topic's kind: a topic of ``DeadLetter`` records, not of events
 
