@@ -56,8 +56,8 @@ def _ts(seconds: float) -> datetime:
 
 
 def events_from_wheel(wheel: Path) -> dict[str, list[Event]]:
-    """All events per registered topic kind (empty for kinds MovieLens has none of), each list in
-    event-time order."""
+    """All events per topic kind, in the application order of kinds, each list in event-time order
+    (kinds MovieLens has no events of are left out)."""
     with zipfile.ZipFile(wheel) as zf:
         ratings = _read_atomic(zf, "inter")
         items = _read_atomic(zf, "item")
@@ -79,7 +79,8 @@ def events_from_wheel(wheel: Path) -> dict[str, list[Event]]:
         events.append(ImpressionEvent(event_id=f"ml100k:imp:{ident}", ts=ts, user_id=uid, item_id=iid))
         if float(row["rating"]) >= ENGAGED_RATING:
             events.append(EngagementEvent(event_id=f"ml100k:eng:{ident}", ts=ts, user_id=uid, item_id=iid, kind_="rating"))
-    return {kind: [e for e in events if e.kind == kind] for kind in EVENT_TYPES}
+    by_kind = {kind: [e for e in events if e.kind == kind] for kind in EVENT_TYPES}
+    return {kind: rows for kind, rows in by_kind.items() if rows}
 
 
 def convert(out_dir: Path, settings: Settings) -> dict[str, int]:
