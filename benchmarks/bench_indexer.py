@@ -1,7 +1,7 @@
 """Indexer benchmark (a script, not a test): ANN search latency and QPS, and recall@100 against exact search.
 
 1. Clustered synthetic 512-d vectors (uniform random ones are HNSW's worst case and say little) at each
-   ``--sizes``: upsert through VectorIndex, flush, wait for the HNSW index, then p50/p99 latency and
+   ``--sizes``: upsert through MilvusStore, flush, wait for the HNSW index, then p50/p99 latency and
    QPS at concurrency 1 and 8 for k=100 and k=2000 (Bounded reads, as served), and recall@100 of
    held-out queries against numpy's exact top-100 at several search-time ef.
 2. With ``--model DIR`` (``onetower model export --base minilm --out DIR``): MovieLens-100k loaded
@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from indexer.candidates import Retriever
-from indexer.vectors import VectorIndex
+from indexer.milvus import MilvusStore
 from core.settings import Settings
 
 console = Console(width=200)  # the table is wide; keep it whole in logs and pipes
@@ -72,7 +72,7 @@ def timed(call: Callable[[int], object], n: int, concurrency: int) -> dict[str, 
             "load": os.getloadavg()[0]}  # this machine is shared: latency tails follow the 1-min load average
 
 
-def recall_at(index: VectorIndex, version: str, ids: list[str], queries: np.ndarray, exact: np.ndarray) -> float:
+def recall_at(index: MilvusStore, version: str, ids: list[str], queries: np.ndarray, exact: np.ndarray) -> float:
     """Mean share of the exact top-RECALL_K that the ANN search returns."""
     got = [{h.id for h in index.search_items(q, RECALL_K, version=version)} for q in queries]
     return float(np.mean([len(g & {ids[j] for j in e}) / RECALL_K for g, e in zip(got, exact)]))
@@ -85,7 +85,7 @@ def synthetic(base: Settings, n: int, rows: list[dict], rng: np.random.Generator
     items = clustered(n, dim, centers, 1.0, rng)
     queries = clustered(1000, dim, centers, 1.0, rng)
     ids = [f"s{i}" for i in range(n)]
-    index, version = VectorIndex(base), f"synthetic_{n}"
+    index, version = MilvusStore(base), f"synthetic_{n}"
     index.ensure_version(version)
     start = time.perf_counter()
     for s in range(0, n, 10_000):
@@ -107,7 +107,7 @@ def synthetic(base: Settings, n: int, rows: list[dict], rng: np.random.Generator
             console.print(f"  k={k} c={concurrency}: {res}")
     exact = exact_topk(items, queries[:300], RECALL_K)
     for ef in (128, 256, 512):
-        r = recall_at(VectorIndex(base.model_copy(update={"hnsw_ef": ef})), version, ids, queries[:300], exact)
+        r = recall_at(MilvusStore(base.model_copy(update={"hnsw_ef": ef})), version, ids, queries[:300], exact)
         rows.append({"data": label, "what": "recall@100", "n": n, "ef": ef, "recall": r})
         console.print(f"  recall@100 ef={ef}: {r:.4f}")
     index.drop_version(version)
@@ -132,7 +132,7 @@ def movielens(base: Settings, model_dir: Path, rows: list[dict]) -> None:
     label = f"MovieLens-100k, {report.version}"
     rows.append({"data": label, "what": "reindex (encode + upsert + check + swap)", "n": report.items + report.users,
                  "seconds": reindex_s})
-    index = VectorIndex(base)
+    index = MilvusStore(base)
     item_ids = list(index.stored("items", report.version))
     user_ids = list(index.stored("users", report.version))
     item_vecs = index.get_vectors("items", report.version, item_ids, strong=True)
@@ -141,7 +141,7 @@ def movielens(base: Settings, model_dir: Path, rows: list[dict]) -> None:
     users = np.stack([user_vecs[u] for u in user_ids])
     exact = exact_topk(items, users, RECALL_K)
     for ef in (128, 256):
-        r = recall_at(VectorIndex(base.model_copy(update={"hnsw_ef": ef})), report.version, item_ids, users, exact)
+        r = recall_at(MilvusStore(base.model_copy(update={"hnsw_ef": ef})), report.version, item_ids, users, exact)
         rows.append({"data": label, "what": "recall@100 (users over items)", "n": len(item_ids), "ef": ef, "recall": r})
     retriever = Retriever(base, index=index, store=store)
     for concurrency in (1, 8):
@@ -185,7 +185,7 @@ def main() -> None:
         if args.model:
             movielens(base, args.model, rows)
     finally:
-        VectorIndex(base).drop_all()
+        MilvusStore(base).drop_all()
         show(rows)
         if args.out:
             args.out.write_text(json.dumps(rows, indent=1))

@@ -30,7 +30,7 @@ from bench_streams import Worker, total, wait  # noqa: E402
 
 from indexer.live_recall import LiveRecall  # noqa: E402
 from indexer.reindex import Reindexer  # noqa: E402
-from indexer.vectors import VectorIndex  # noqa: E402
+from indexer.milvus import MilvusStore  # noqa: E402
 from models.encoder import Encoder  # noqa: E402
 from onetower.prefixes import isolated, purge  # noqa: E402
 from core.settings import Settings  # noqa: E402
@@ -49,7 +49,7 @@ def pct(values: list[float], q: float) -> float:
 
 def cost_per_engagement(s: Settings, probes: list[EngagementEvent]) -> None:
     unbounded = s.model_copy(update={"live_recall_sample_rate": 1.0, "live_recall_max_per_s": 1e9})
-    scorer = LiveRecall(unbounded, VectorIndex(s), StateStore.from_settings(s))
+    scorer = LiveRecall(unbounded, MilvusStore(s), StateStore.from_settings(s))
     scorer.versions()
     snap_ms, score_ms = [], []
     for start in range(0, len(probes), BATCH):

@@ -32,7 +32,8 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.texts import user_texts
-from indexer.vectors import VectorIndex
+from indexer.filters import Condition
+from indexer.milvus import MilvusStore
 from models.encoder import Encoder
 from onetower.prefixes import isolated, purge
 from core.settings import Settings
@@ -230,14 +231,14 @@ def main() -> None:
                f"{raw * max(ok):.1f} ({max(ok):g} x capacity)" if ok else "none of those tried")
 
         # 6. a new item: produced -> found by a filtered ANN search in the worker's version
-        index = VectorIndex(s2)
+        index = MilvusStore(s2)
         version = Encoder.load(args.model).version
         probe = index.get_vectors("items", version, [ml_items[0]], strong=True)[ml_items[0]]
         t = time.monotonic()
         with EventProducer(s2, linger_ms=0) as producer:
             producer.send(ItemEvent(item_id="bench-new-item", features={"title": "A new film", "genres": "drama"}))
         wait("new item searchable", lambda: any(h.id == "bench-new-item" for h in index.search_items(
-            probe, 10, filter='id == "bench-new-item"', version=version)), every=0.05)
+            probe, 10, filter=Condition(field="title", op="==", value="A new film"), version=version)), every=0.05)
         report("new item: produced -> found by filtered ANN search (s)", f"{time.monotonic() - t:.2f}")
         w.stop()
     finally:

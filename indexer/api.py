@@ -1,8 +1,8 @@
 """The candidates HTTP service (FastAPI): ``onetower serve``.
 
 Status codes: 200; 404 for an unknown user with no state; 422 for bad parameters (k out of range,
-a filter Milvus rejects, a malformed body); 503 when Milvus (or Redis, or the active version's
-encoder) cannot serve. ``/healthz`` says the process runs, ``/readyz`` that it can answer, ``/metrics``
+a malformed filter or body); 503 when the vector store (or Redis, or the active version's encoder)
+cannot serve. ``/healthz`` says the process runs, ``/readyz`` that it can answer, ``/metrics``
 exposes Prometheus metrics, ``/docs`` and ``/openapi.json`` the OpenAPI description.
 
 With ``settings.api_token`` set, the candidates routes need ``Authorization: Bearer <token>`` (401
@@ -26,7 +26,8 @@ from pydantic import BaseModel, Field
 
 from indexer.candidates import CandidateResult, InvalidRequest, Retriever, ServiceUnavailable, UnknownUser
 from core.errors import Unavailable
-from indexer.vectors import MAX_TOPK, InvalidFilter
+from indexer.filters import Filter, InvalidFilter, parse_filter
+from indexer.vectors import MAX_TOPK
 from models.errors import RenderError
 from core.settings import Settings
 from streams.events import EntityId, FeatureValue
@@ -42,7 +43,7 @@ class Candidate(BaseModel):
 
 class CandidatesResponse(BaseModel):
     version: str = Field(description="the model version that produced every score")
-    cold_start: bool = Field(description="the user vector was encoded on the fly from state, not read from Milvus")
+    cold_start: bool = Field(description="the user vector was encoded on the fly from state, not read from the vector store")
     items: list[Candidate]
 
     @classmethod
@@ -58,7 +59,8 @@ class CandidatesRequest(BaseModel):
     history: list[EntityId] = Field(default_factory=list, max_length=1000, description="engaged item ids, oldest first")
     k: int = Field(default=100, ge=1, le=MAX_TOPK)
     exclude_seen: bool = Field(default=True, description="leave out the items in history")
-    filter: str | None = Field(default=None, max_length=4096, description='a Milvus expression, e.g. attrs["year"] >= 1990')
+    filter: Filter | None = Field(default=None, description='only items whose features pass it, e.g. '
+                                                            '{"field": "year", "op": ">=", "value": 1990} (README: Filters)')
 
 
 def bearer_auth(settings: Settings) -> Callable[..., None]:
@@ -75,7 +77,7 @@ def bearer_auth(settings: Settings) -> Callable[..., None]:
 
 
 def create_app(settings: Settings, retriever: Retriever | None = None) -> FastAPI:
-    """The app over one Retriever; nothing connects until the first request (Milvus may start later)."""
+    """The app over one Retriever; nothing connects until the first request (the store may start later)."""
     retriever = retriever or Retriever(settings)
     registry = CollectorRegistry()
     requests = Counter("onetower_http_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
@@ -111,7 +113,7 @@ def create_app(settings: Settings, retriever: Retriever | None = None) -> FastAP
     app.add_exception_handler(UnknownUser, error(404))
     for exc_type in (InvalidRequest, InvalidFilter, RenderError):  # RenderError: body features that cannot be rendered
         app.add_exception_handler(exc_type, error(422))
-    app.add_exception_handler(Unavailable, unavailable)  # Milvus (IndexUnavailable), Redis or the encoder
+    app.add_exception_handler(Unavailable, unavailable)  # the vector store (IndexUnavailable), Redis or the encoder
 
     def respond(result: CandidateResult) -> CandidatesResponse:
         if result.cold_start:
@@ -123,19 +125,21 @@ def create_app(settings: Settings, retriever: Retriever | None = None) -> FastAP
 
     @app.get("/v1/users/{user_id}/candidates", response_model=CandidatesResponse, dependencies=authorized,
              responses={401: {"description": "no valid bearer token (when api_token is set)"},
-                        404: {"description": "unknown user with no state"}, 503: {"description": "Milvus is down"}})
+                        404: {"description": "unknown user with no state"}, 503: {"description": "the vector store is down"}})
     def user_candidates(
         user_id: Annotated[str, Path(min_length=1, max_length=128)],
         k: Annotated[int, Query(ge=1, le=settings.candidates_max_k)] = 100,
         exclude_seen: bool = True,
-        filter: Annotated[str | None, Query(max_length=4096, description='a Milvus expression, e.g. attrs["year"] >= 1990')] = None,
+        filter: Annotated[str | None, Query(max_length=4096, description='a filter as JSON, as in the POST body, e.g. '
+                                                                         '{"field":"year","op":">=","value":1990}')] = None,
     ) -> CandidatesResponse:
         """Top-k items for a known user (indexed, or encoded from Redis state on the fly)."""
-        return respond(retriever.candidates(user_id, k, exclude_seen=exclude_seen, filter=filter))
+        return respond(retriever.candidates(user_id, k, exclude_seen=exclude_seen,
+                                            filter=parse_filter(filter) if filter else None))
 
     @app.post("/v1/candidates", response_model=CandidatesResponse, dependencies=authorized,
               responses={401: {"description": "no valid bearer token (when api_token is set)"},
-                         503: {"description": "Milvus is down"}})
+                         503: {"description": "the vector store is down"}})
     def body_candidates(body: CandidatesRequest) -> CandidatesResponse:
         """Top-k items for a user given by features and history in the body."""
         return respond(retriever.candidates_for(body.features, body.history, body.k,
@@ -146,9 +150,9 @@ def create_app(settings: Settings, retriever: Retriever | None = None) -> FastAP
         """The process is up (no dependency is asked)."""
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "Milvus or Redis cannot serve, or no version is active"}})
+    @app.get("/readyz", responses={503: {"description": "the vector store or Redis cannot serve, or no version is active"}})
     def readyz() -> dict[str, str]:
-        """Milvus answers with an active version and Redis answers."""
+        """The vector store answers with an active version and Redis answers."""
         version = retriever.index.require_active()
         try:
             retriever.store.r.ping()

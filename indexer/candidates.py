@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
@@ -20,8 +19,10 @@ import redis
 
 from core.errors import OnetowerError, Unavailable
 from models.texts import user_state_texts, user_text
-from indexer.vectors import MAX_TOPK, VectorIndex
-from core.settings import Settings, get_settings
+from core.settings import Settings
+from indexer.filters import Filter
+from indexer.store import open_store
+from indexer.vectors import MAX_TOPK, VectorStore
 from streams.state import StateStore
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class InvalidRequest(OnetowerError, ValueError):
 
 
 class ServiceUnavailable(Unavailable):
-    """A dependency other than Milvus (Redis, the encoder of the active version) cannot serve."""
+    """A dependency other than the vector store (Redis, the encoder of the active version) cannot serve."""
 
 
 @dataclass(frozen=True)
@@ -48,20 +49,20 @@ class CandidateResult:
 
     version: str
     items: list[tuple[str, float]]
-    cold_start: bool = False  # the user vector was encoded on the fly, not read from Milvus
+    cold_start: bool = False  # the user vector was encoded on the fly, not read from the vector store
 
 
 class Retriever:
-    """Candidates on one Milvus index and one Redis state store; thread-safe, shared by the API."""
+    """Candidates on one vector store and one Redis state store; thread-safe, shared by the API."""
 
-    def __init__(self, settings: Settings, index: VectorIndex | None = None, store: StateStore | None = None) -> None:
+    def __init__(self, settings: Settings, index: VectorStore | None = None, store: StateStore | None = None) -> None:
         self.settings = settings
-        self.index = index or VectorIndex(settings)
+        self.index = index or open_store(settings)
         self.store = store or StateStore.from_settings(settings)
         self._encoders: dict[str, Encoder] = {}
         self._lock = threading.Lock()
 
-    def candidates(self, user_id: str, k: int, exclude_seen: bool = True, filter: str | None = None) -> CandidateResult:
+    def candidates(self, user_id: str, k: int, exclude_seen: bool = True, filter: Filter | None = None) -> CandidateResult:
         """Top-``k`` (item_id, cosine) for a known user; raises UnknownUser when there is nothing to go on."""
         self._check_k(k)
         version = self.index.require_active()
@@ -79,7 +80,7 @@ class Retriever:
         return self.search(version, vector, k, seen, filter, cold)
 
     def candidates_for(self, features: Mapping[str, Any], history: Sequence[str], k: int,
-                       exclude_seen: bool = True, filter: str | None = None) -> CandidateResult:
+                       exclude_seen: bool = True, filter: Filter | None = None) -> CandidateResult:
         """Top-``k`` for a user given by value (profile features, engaged item ids oldest first)."""
         self._check_k(k)
         version = self.index.require_active()
@@ -88,7 +89,7 @@ class Retriever:
                                              max_tokens=encoder.max_seq_length))
         return self.search(version, encoder.encode([text])[0], k, set(history) if exclude_seen else set(), filter, True)
 
-    def search(self, version: str, vector: np.ndarray, k: int, seen: set[str], filter: str | None,
+    def search(self, version: str, vector: np.ndarray, k: int, seen: set[str], filter: Filter | None,
                cold: bool) -> CandidateResult:
         """Top-``k`` of ``version`` for a user vector, ``seen`` dropped: serving's rule, shared with live recall."""
         hits = self.index.search_items(vector, min(k + len(seen), MAX_TOPK), filter=filter, version=version)
@@ -131,13 +132,3 @@ class Retriever:
         raise ServiceUnavailable(f"no model directory holds the active version {version} "
                                  f"(recorded: {recorded}; set ONETOWER_MODEL_DIR) to encode a user not indexed yet",
                                  public=f"the encoder of version {version} is not available to encode a user not indexed yet")
-
-
-@lru_cache(maxsize=1)
-def _default_retriever() -> Retriever:
-    return Retriever(get_settings())
-
-
-def candidates(user_id: str, k: int, exclude_seen: bool = True, filter: str | None = None) -> CandidateResult:
-    """Top-``k`` (item_id, score) for ``user_id`` with the process settings (see ``Retriever.candidates``)."""
-    return _default_retriever().candidates(user_id, k, exclude_seen=exclude_seen, filter=filter)

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from indexer.candidates import Retriever
-from indexer.vectors import VectorIndex
+from indexer.vectors import VectorStore
 from core.settings import Settings
 from streams import metrics
 from streams.events import EngagementEvent
@@ -95,7 +95,7 @@ def _hit_fields(prefix: str, rank: int | None) -> list[str]:
 class LiveRecall:
     """The worker's scorer; ``snapshot`` runs before the events are applied, ``score`` after, anywhere."""
 
-    def __init__(self, settings: Settings, index: VectorIndex, store: StateStore) -> None:
+    def __init__(self, settings: Settings, index: VectorStore, store: StateStore) -> None:
         self.settings = settings
         self.index = index
         self.store = store

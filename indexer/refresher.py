@@ -30,7 +30,7 @@ import redis
 from prometheus_client import Counter
 
 from models.texts import item_state_texts, user_state_texts
-from indexer.vectors import IndexUnavailable, VectorIndex
+from indexer.vectors import IndexUnavailable, VectorStore
 from core.settings import Settings
 from streams import metrics
 from streams.state import Kind, Lease, StateStore
@@ -62,7 +62,7 @@ class Rendered:
 class Refresher:
     """Re-encodes dirty entities with one model version; ``run_once`` is one step of the loop."""
 
-    def __init__(self, settings: Settings, store: StateStore, encoder: "Encoder", index: VectorIndex) -> None:
+    def __init__(self, settings: Settings, store: StateStore, encoder: "Encoder", index: VectorStore) -> None:
         self.settings = settings
         self.store = store
         self.encoder = encoder

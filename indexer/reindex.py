@@ -14,7 +14,7 @@ With ``live_recall_gate`` N > 0, between 3 and 4 the workers' shadow scoring mus
 version's live recall@10 not below the active one's on N engagements scored in both (waiting up to
 ``live_recall_wait_s``); otherwise the version stays ``ready`` and the aliases stay.
 
-4. Swap both aliases (``VectorIndex.activate``: intent recorded first, rolled forward after a crash),
+4. Swap both aliases (``VectorStore.activate``: intent recorded first, rolled forward after a crash),
    sync once more (changes between step 2 and the swap), mark ``active``. The old version stays as
    the previous one for ``onetower rollback`` until ``reindex_grace_s`` has passed.
 
@@ -35,7 +35,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from core.errors import OnetowerError
 from models.texts import item_state_texts, user_state_texts
-from indexer.vectors import VectorIndex, VersionError
+from indexer.store import open_store
+from indexer.vectors import VectorStore, VersionError
 from models.encoder import Encoder
 from core.settings import Settings
 from streams.events import InvalidEvent, ItemEvent, parse_event
@@ -110,14 +111,14 @@ class _Kind:
 class Reindexer:
     """Builds, checks and activates one model version; see the module docstring."""
 
-    def __init__(self, settings: Settings, encoder: Encoder, *, index: VectorIndex | None = None,
+    def __init__(self, settings: Settings, encoder: Encoder, *, index: VectorStore | None = None,
                  store: StateStore | None = None, show_progress: bool = False) -> None:
         if encoder.dim != settings.embedding_dim:
             raise ReindexError(f"the model writes {encoder.dim}-d vectors; the index holds {settings.embedding_dim}-d")
         self.settings = settings
         self.encoder = encoder
         self.version = encoder.version
-        self.index = index or VectorIndex(settings)
+        self.index = index or open_store(settings)
         self.store = store or StateStore.from_settings(settings)
         self.show_progress = show_progress
         self._rng = random.Random(0)
@@ -273,7 +274,7 @@ def reindex(settings: Settings, model_dir: Path, *, restart: bool = False, show_
 
 def rollback(settings: Settings) -> tuple[str, str | None]:
     """Re-activate the previous version; returns (now active, now previous)."""
-    index = VectorIndex(settings)
+    index = open_store(settings)
     try:
         active = index.rollback()
     except VersionError as exc:

@@ -143,14 +143,14 @@ def _run(settings: Settings, model_dir: Path, timeout_s: float, short: bool) -> 
 
     from indexer.candidates import Retriever
     from indexer.reindex import reindex
-    from indexer.vectors import VectorIndex
+    from indexer.store import open_store
     from models.artifact import ModelArtifact
     from streams.events import EngagementEvent
     from streams.producer import EventProducer
     from streams.state import StateStore
     from onetower.worker import app_id
 
-    store, index = StateStore.from_settings(settings), VectorIndex(settings)
+    store, index = StateStore.from_settings(settings), open_store(settings)
     version = ModelArtifact.load(model_dir).version
     started = time.perf_counter()
     with console.status("the worker applies the events and encodes every dirty user and item...") as status:

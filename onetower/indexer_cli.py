@@ -87,11 +87,12 @@ def rollback() -> None:
 
 @app.command()
 def versions(gc: bool = typer.Option(False, "--gc", help="drop versions neither active nor kept for rollback")) -> None:
-    """List the model versions in Milvus: which is active, which is kept for rollback, build state."""
-    from indexer.vectors import IndexUnavailable, VectorIndex
+    """List the model versions in the vector store: which is active, which is kept for rollback, build state."""
+    from indexer.store import open_store
+    from indexer.vectors import IndexUnavailable
 
     settings = get_settings()
-    index = VectorIndex(settings)
+    index = open_store(settings)
     try:
         if gc:
             dropped = index.collect_garbage(settings.reindex_grace_s)
@@ -113,15 +114,18 @@ def candidates(
     user_id: str = typer.Argument(..., help="the user to retrieve for"),
     k: int = typer.Option(100, "-k", help="how many items"),
     include_seen: bool = typer.Option(False, "--include-seen", help="keep items the user already engaged with"),
-    filter: Optional[str] = typer.Option(None, "--filter", help='a Milvus expression, e.g. \'attrs["year"] >= 1990\''),
+    filter: Optional[str] = typer.Option(None, "--filter", help='a filter as JSON, as the API takes it, e.g. '
+                                                               '\'{"field": "year", "op": ">=", "value": 1990}\''),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Top-k candidate items for a user, from the active model version."""
     from indexer.candidates import InvalidRequest, Retriever, ServiceUnavailable, UnknownUser
-    from indexer.vectors import IndexUnavailable, InvalidFilter
+    from indexer.filters import InvalidFilter, parse_filter
+    from indexer.vectors import IndexUnavailable
 
     try:
-        result = Retriever(get_settings()).candidates(user_id, k, exclude_seen=not include_seen, filter=filter)
+        result = Retriever(get_settings()).candidates(user_id, k, exclude_seen=not include_seen,
+                                                      filter=parse_filter(filter) if filter else None)
     except (UnknownUser, InvalidRequest, InvalidFilter, IndexUnavailable, ServiceUnavailable) as exc:
         raise fail(str(exc)) from None
     if as_json:

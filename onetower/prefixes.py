@@ -18,10 +18,10 @@ def isolated(base: Settings, tag: str = "t", **overrides: object) -> Settings:
 
 def purge(settings: Settings) -> None:
     """Drop the prefix's Milvus aliases and collections, Redis keys and Kafka topics."""
-    from indexer.vectors import VectorIndex
+    from indexer.store import open_store
     from streams.state import StateStore
     from streams.topics import delete_topics
 
-    VectorIndex(settings).drop_all()
+    open_store(settings).drop_all()
     StateStore.from_settings(settings).clear()
     delete_topics(settings)

@@ -138,7 +138,7 @@ def worker(
     settings = get_settings()
     refresher = None
     if refresh:
-        from indexer.vectors import VectorIndex
+        from indexer.store import open_store
         from models.encoder import Encoder
         from models.errors import ModelError
         from indexer.refresher import Refresher
@@ -150,7 +150,7 @@ def worker(
             encoder = Encoder.load(model or settings.model_dir or served_artifact(settings.state_dir / "models"))
         except ModelError as exc:
             raise fail(str(exc)) from None
-        refresher = Refresher(settings, StateStore.from_settings(settings), encoder, VectorIndex(settings))
+        refresher = Refresher(settings, StateStore.from_settings(settings), encoder, open_store(settings))
     try:
         run_worker(settings, refresher, loglevel=loglevel)
     except KafkaUnavailable as exc:

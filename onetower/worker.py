@@ -27,7 +27,8 @@ import redis
 from faust.types import EventT
 
 from indexer.live_recall import LiveRecall, Probe, publish
-from indexer.vectors import IndexUnavailable, VectorIndex
+from indexer.store import open_store
+from indexer.vectors import IndexUnavailable
 from core.settings import Settings
 from streams import metrics
 from streams.events import (DLQ_KIND, EVENT_TYPES, ORIGIN_HEADER, DeadLetter, EngagementEvent, Event, InvalidEvent, Origin,
@@ -213,7 +214,7 @@ def build_app(settings: Settings, refresher: Refresher | None, store: StateStore
         fut = await dlq.send(key=key, value=value)
         await fut  # delivered before the source record may be acknowledged
 
-    scorer = LiveRecall(settings, VectorIndex(settings), store) if settings.live_recall_sample_rate > 0 else None
+    scorer = LiveRecall(settings, open_store(settings), store) if settings.live_recall_sample_rate > 0 else None
     applier = EventApplier(store, send_dlq, ThreadPoolExecutor(len(EVENT_TYPES), thread_name_prefix="apply"), scorer)
 
     def agent_for(kind: str) -> None:

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pytest
 
-from indexer.vectors import VectorIndex
+from indexer.milvus import MilvusStore
 from onetower import stack
 from onetower.prefixes import isolated, purge
 from core.settings import Settings
@@ -111,7 +111,7 @@ def settle(settings: Settings, sl: Slice, started: float) -> Outcome:
     """Wait until every event is applied and every vector reflects the state; refit the percentile
     tables on the final counts first (as a worker does every ``percentile_refresh_s``), so that both
     runs bucket the same counts with the same tables. Returns the state and the vectors."""
-    store, index = StateStore.from_settings(settings), VectorIndex(settings)
+    store, index = StateStore.from_settings(settings), MilvusStore(settings)
     total = len(sl.catalogue) + len(sl.activity)
     poll(f"{total} events applied", lambda: applied(store) >= total, timeout=SETTLE_S)
     poll("quiescence", lambda: quiescent(store), timeout=SETTLE_S)

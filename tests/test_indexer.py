@@ -1,5 +1,5 @@
-"""VectorIndex, candidates and the HTTP service on the real Milvus server and redis-server (one test on
-Milvus Lite). Vectors are built with numpy here; the encoder paths are in test_indexer_reindex.py."""
+"""The vector store on Milvus (MilvusStore), candidates and the HTTP service on the real Milvus server
+and redis-server (one test on Milvus Lite). Vectors are built with numpy here; the encoder paths are in test_indexer_reindex.py."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from indexer.api import create_app
 from indexer.candidates import Retriever, UnknownUser
-from indexer.vectors import IndexUnavailable, InvalidFilter, VectorIndex, VersionError
+from indexer.filters import AllOf, AnyOf, Condition, InvalidFilter, Not
+from indexer.milvus import MilvusStore
+from indexer.vectors import IndexUnavailable, VersionError
 from core.settings import Settings
 from streams.events import EngagementEvent
 from streams.state import StateStore
@@ -24,6 +28,7 @@ pytestmark = pytest.mark.stack
 
 DIM = 512
 ITEMS = [f"x{i}" for i in range(5)]
+TITLES = ["Heat", 'x" or 1==1 or "', "back\\slash\\", "it's", "line\nbreak\x00\u2028😀"]  # attrs["title"] of ITEMS
 
 
 def basis(i: int) -> np.ndarray:
@@ -46,16 +51,16 @@ VERSIONS = {
 EXPECTED = {"v1": ITEMS, "v2": ITEMS[::-1]}
 
 
-def build(index: VectorIndex, versions: tuple[str, ...] = ("v1", "v2")) -> None:
+def build(index: MilvusStore, versions: tuple[str, ...] = ("v1", "v2")) -> None:
     for version in versions:
         user, items = VERSIONS[version]
         index.ensure_version(version)
-        index.upsert_items(version, ITEMS, items, [{"updated_at": i, "attrs": {"year": 1990 + i}} for i in range(5)])
+        index.upsert_items(version, ITEMS, items, [{"updated_at": i, "attrs": {"year": 1990 + i, "title": TITLES[i]}} for i in range(5)])
         index.upsert_users(version, ["u"], user[None, :], [{"updated_at": 7, "attrs": {"age": 30}}])
 
 
 def test_upsert_replace_delete(srv: Settings) -> None:
-    index = VectorIndex(srv)
+    index = MilvusStore(srv)
     build(index, ("v1",))
     hits = index.search_items(basis(0), 5, version="v1")
     assert [h.id for h in hits] == ITEMS and {h.model_version for h in hits} == {"v1"}
@@ -82,7 +87,7 @@ def test_upsert_replace_delete(srv: Settings) -> None:
 def test_ensure_version_finishes_a_half_made_version(srv: Settings) -> None:
     """A process killed between create, index and load leaves a collection that takes upserts and
     answers no read; the next ensure_version (a restarted worker or re-index) finishes it."""
-    index = VectorIndex(srv)
+    index = MilvusStore(srv)
     index.ensure_version("v1")
     users, items = index.collection("users", "v1"), index.collection("items", "v1")
     index.client.release_collection(users)
@@ -94,18 +99,48 @@ def test_ensure_version_finishes_a_half_made_version(srv: Settings) -> None:
     np.testing.assert_allclose(index.get_user_vector("u", "v1"), basis(0))
 
 
-def test_filters_and_invalid_filter(srv: Settings) -> None:
-    index = VectorIndex(srv)
+def test_typed_filters_filter(srv: Settings) -> None:
+    index = MilvusStore(srv)
     build(index, ("v1",))
-    hits = index.search_items(basis(0), 5, filter='attrs["year"] >= 1993', version="v1")
-    assert [h.id for h in hits] == ["x3", "x4"]
-    with pytest.raises(InvalidFilter, match="invalid filter"):
-        index.search_items(basis(0), 5, filter='attrs["year"] >=== 1993', version="v1")
+
+    def found(f) -> list[str]:
+        return [h.id for h in index.search_items(basis(0), 5, filter=f, version="v1")]
+
+    assert found(Condition(field="year", op=">=", value=1993)) == ["x3", "x4"]
+    assert found(Condition(field="year", op="in", value=[1990, 1994, 2000])) == ["x0", "x4"]
+    assert found(AllOf(all=[Condition(field="year", op=">", value=1990), Not(not_=Condition(field="year", op="==", value=1992))])) == ["x1", "x3", "x4"]
+    assert found(AnyOf(any=[Condition(field="year", op="<", value=1991), Condition(field="title", op="==", value="it's")])) == ["x0", "x3"]
+    assert found(Condition(field="year", op="==", value="1990")) == []  # typed: a string is not the number
+    assert found(Condition(field="missing", op="!=", value=1)) == ITEMS
+    with pytest.raises(InvalidFilter, match="invalid filter"):  # one Milvus rejects (validation would have refused it)
+        found(Condition.model_construct(field="year", op="in", value=[1990, "x"]))
+
+
+def test_no_value_breaks_out_of_its_literal(srv: Settings) -> None:
+    """Each stored title, quotes and backslashes included, matches its own item only; any other string nothing."""
+    index = MilvusStore(srv)
+    build(index, ("v1",))
+
+    def titled(value: str) -> list[str]:
+        hits = index.search_items(basis(0), 5, filter=Condition(field="title", op="==", value=value), version="v1")
+        return [h.id for h in hits]
+
+    for item, title in zip(ITEMS, TITLES):
+        assert titled(title) == [item]
+    for attack in ['" or 1==1 or "', '") or (attrs["year"] > 0', "\\", "x\\\" or 1==1 or \\\"", "' or 1==1 or '"]:
+        assert titled(attack) == []
+
+    @settings(max_examples=20, deadline=None)
+    @given(st.text(alphabet='"\\\'\n\x00 ()[]=orandtx1', max_size=30))
+    def only_equal_titles(value: str) -> None:
+        assert titled(value) == [i for i, t in zip(ITEMS, TITLES) if t == value]
+
+    only_equal_titles()
 
 
 def test_alias_swap_during_queries_never_mixes_versions(srv: Settings) -> None:
-    build(VectorIndex(srv))
-    swapper = VectorIndex(srv)  # another client, as a re-index in another process would be
+    build(MilvusStore(srv))
+    swapper = MilvusStore(srv)  # another client, as a re-index in another process would be
     swapper.activate("v1")
     retriever = Retriever(srv)
     done = threading.Event()
@@ -132,7 +167,7 @@ def test_alias_swap_during_queries_never_mixes_versions(srv: Settings) -> None:
 
 
 def test_rollback_and_drop(srv: Settings) -> None:
-    index = VectorIndex(srv)
+    index = MilvusStore(srv)
     build(index)
     with pytest.raises(VersionError, match="no previous version"):
         index.rollback()
@@ -149,7 +184,7 @@ def test_rollback_and_drop(srv: Settings) -> None:
 
 
 def test_exclude_seen_keeps_k(srv: Settings) -> None:
-    index = VectorIndex(srv)
+    index = MilvusStore(srv)
     build(index, ("v1",))
     index.activate("v1")
     StateStore.from_settings(srv).apply_many([EngagementEvent(user_id="u", item_id=i) for i in ("x0", "x2")])
@@ -162,7 +197,7 @@ def test_exclude_seen_keeps_k(srv: Settings) -> None:
 
 
 def test_http_status_codes(srv: Settings) -> None:
-    index = VectorIndex(srv)
+    index = MilvusStore(srv)
     build(index, ("v1",))
     client = TestClient(create_app(srv))
     assert client.get("/readyz").status_code == 503  # nothing active yet
@@ -171,12 +206,19 @@ def test_http_status_codes(srv: Settings) -> None:
     r = client.get("/v1/users/u/candidates", params={"k": 2})
     assert r.status_code == 200, r.text
     assert r.json()["version"] == "v1" and [c["item_id"] for c in r.json()["items"]] == ["x0", "x1"]
-    r = client.get("/v1/users/u/candidates", params={"k": 5, "filter": 'attrs["year"] >= 1994'})
+    r = client.get("/v1/users/u/candidates", params={"k": 5, "filter": '{"field": "year", "op": ">=", "value": 1994}'})
     assert [c["item_id"] for c in r.json()["items"]] == ["x4"]
+    r = client.get("/v1/users/u/candidates", params={"filter": '{"field": "title", "op": "!=", "value": "x\\" or 1==1 or \\""}'})
+    assert [c["item_id"] for c in r.json()["items"]] == ["x0", "x2", "x3", "x4"]  # all but x1, whose title that is
     assert client.get("/v1/users/ghost/candidates").status_code == 404
     assert client.get("/v1/users/u/candidates", params={"k": 0}).status_code == 422
     assert client.get("/v1/users/u/candidates", params={"k": srv.candidates_max_k + 1}).status_code == 422
-    assert client.get("/v1/users/u/candidates", params={"filter": 'attrs["year"] >=== 1'}).status_code == 422
+    r = client.get("/v1/users/u/candidates", params={"filter": 'attrs["year"] >= 1'})
+    assert r.status_code == 422 and "Invalid JSON" in r.json()["detail"]
+    r = client.get("/v1/users/u/candidates", params={"filter": '{"field": "year", "op": ">=", "value": [1]}'})
+    assert r.status_code == 422 and "'in' takes a list" in r.json()["detail"]
+    r = client.post("/v1/candidates", json={"filter": {"field": "year]", "op": "==", "value": 1}})
+    assert r.status_code == 422 and "pattern" in r.text
     assert client.post("/v1/candidates", json={"k": "many"}).status_code == 422
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready", "version": "v1"}
@@ -192,7 +234,7 @@ def test_http_status_codes(srv: Settings) -> None:
 
 
 def test_a_token_guards_the_candidates_routes_and_leaves_probes_open(srv: Settings) -> None:
-    index = VectorIndex(srv)
+    index = MilvusStore(srv)
     build(index, ("v1",))
     index.activate("v1")
     client = TestClient(create_app(srv.model_copy(update={"api_token": SecretStr("s3cret-token")})))
@@ -216,7 +258,7 @@ ODD_IDS = ["9'33", 'say "hi"', "back\\slash", "all'\"\\", "trailing\\", "line\nb
 
 def test_ids_with_quotes_and_backslashes_are_data(srv: Settings) -> None:
     """pymilvus' get and delete by ids paste ids between quotes: ``9'33`` broke the expression (503)."""
-    index = VectorIndex(srv)
+    index = MilvusStore(srv)
     build(index, ("v1",))
     index.activate("v1")
     index.upsert_users("v1", ODD_IDS, np.stack([basis(0)] * len(ODD_IDS)))
@@ -240,7 +282,7 @@ def test_ids_with_quotes_and_backslashes_are_data(srv: Settings) -> None:
 
 def test_error_bodies_name_no_server_address(srv: Settings, caplog: pytest.LogCaptureFixture) -> None:
     """Clients learn what failed; the addresses go to the server's log only."""
-    index = VectorIndex(srv)
+    index = MilvusStore(srv)
     build(index, ("v1",))
     index.activate("v1")
     no_redis = TestClient(create_app(srv.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})))
@@ -255,12 +297,12 @@ def test_error_bodies_name_no_server_address(srv: Settings, caplog: pytest.LogCa
 
 def test_milvus_lite(srv: Settings, tmp_path: Path) -> None:
     lite = srv.model_copy(update={"milvus_uri": str(tmp_path / "onetower.db")})
-    index = VectorIndex(lite)
+    index = MilvusStore(lite)
     build(index)
     index.activate("v1")
     index.activate("v2")
     assert [i for i, _ in Retriever(lite, index=index).candidates("u", 5, exclude_seen=False).items] == EXPECTED["v2"]
-    assert [h.id for h in index.search_items(basis(1), 5, filter='attrs["year"] < 1992')] == ["x1", "x0"]
+    assert [h.id for h in index.search_items(basis(1), 5, filter=Condition(field="year", op="<", value=1992))] == ["x1", "x0"]
     index.delete_items("v2", ["x4"])
     assert index.count("items", "v2") == 4
     assert index.rollback() == "v1" and index.active_version() == "v1"
@@ -269,4 +311,4 @@ def test_milvus_lite(srv: Settings, tmp_path: Path) -> None:
 
 def test_unreachable_milvus_is_one_line(srv: Settings) -> None:
     with pytest.raises(IndexUnavailable, match=r"^Milvus at http://127.0.0.1:1 failed to connect: [^\n]+$"):
-        VectorIndex(srv.model_copy(update={"milvus_uri": "http://127.0.0.1:1"})).active_version()
+        MilvusStore(srv.model_copy(update={"milvus_uri": "http://127.0.0.1:1"})).active_version()

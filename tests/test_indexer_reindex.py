@@ -16,7 +16,8 @@ from indexer.api import create_app
 from indexer.candidates import Retriever, UnknownUser
 from indexer.reindex import ReindexError, reindex
 from models.texts import item_texts, user_texts
-from indexer.vectors import VectorIndex
+from indexer.filters import Condition
+from indexer.milvus import MilvusStore
 from models.export import export_artifact
 from models.encoder import Encoder
 from models.testing import tiny_llama
@@ -61,7 +62,7 @@ def test_reindex_rollback_and_cold_start(srv: Settings, models: dict[str, Path],
     catalogue(store)
     report = reindex(srv, models["tiny_a"])
     assert (report.version, report.previous, report.items, report.users, report.item_source) == ("tiny_a", None, 6, 1, "redis")
-    index = VectorIndex(srv)
+    index = MilvusStore(srv)
     assert index.active_version() == "tiny_a" and index.count("items", "tiny_a") == 6
     assert index.version_info("tiny_a")["state"] == "active"
 
@@ -77,7 +78,7 @@ def test_reindex_rollback_and_cold_start(srv: Settings, models: dict[str, Path],
     warm = retriever.candidates("u1", 3)
     assert warm.version == "tiny_a" and not warm.cold_start and len(warm.items) == 3
     assert not {"m0", "m1"} & {i for i, _ in warm.items}
-    assert [i for i, _ in retriever.candidates("u1", 6, filter='attrs["genres"] == "Comedy"').items] == ["m4"]
+    assert [i for i, _ in retriever.candidates("u1", 6, filter=Condition(field="genres", op="==", value="Comedy")).items] == ["m4"]
 
     # A user who arrived after the re-index: encoded on the fly with the active version's encoder.
     store.apply_many([UserEvent(user_id="u2", features={"age": 20}), EngagementEvent(user_id="u2", item_id="m2")])
@@ -121,7 +122,7 @@ def test_reindex_rollback_and_cold_start(srv: Settings, models: dict[str, Path],
 def test_reindex_resumes_and_a_crash_mid_swap_is_rolled_forward(srv: Settings, models: dict[str, Path]) -> None:  # noqa: F811
     store = StateStore.from_settings(srv)
     catalogue(store, n=4)
-    index = VectorIndex(srv)
+    index = MilvusStore(srv)
     # An interrupted build: one stale vector, one id that has left the state, the rest missing.
     index.record_version("tiny_b", state="building", model_dir=str(models["tiny_b"]), started_ms=0)
     index.ensure_version("tiny_b")
@@ -137,7 +138,7 @@ def test_reindex_resumes_and_a_crash_mid_swap_is_rolled_forward(srv: Settings, m
     index._put_meta("aliases", {**index.swap_state(), "swapping_to": "tiny_a"})
     index.client.alter_alias(index.collection("users", "tiny_a"), index.alias("users"))
     # ... is finished by the next process that touches the versions, before anything else.
-    fresh = VectorIndex(srv)
+    fresh = MilvusStore(srv)
     fresh.recover()
     aliases = {kind: fresh.client.describe_alias(fresh.alias(kind))["collection_name"] for kind in ("items", "users")}
     assert aliases == {"items": fresh.collection("items", "tiny_a"), "users": fresh.collection("users", "tiny_a")}
@@ -157,6 +158,6 @@ def test_reindex_reads_the_items_topic_when_redis_has_no_items(srv: Settings, mo
     StateStore.from_settings(srv).apply(UserEvent(user_id="u1", features={"age": 50}))
     report = reindex(srv, models["tiny_a"])
     assert (report.item_source, report.items, report.users) == ("kafka", 2, 1)
-    index = VectorIndex(srv)
-    hits = index.search_items(np.ones(512, dtype=np.float32), 5, filter='attrs["title"] == "New title"')
+    index = MilvusStore(srv)
+    hits = index.search_items(np.ones(512, dtype=np.float32), 5, filter=Condition(field="title", op="==", value="New title"))
     assert [h.id for h in hits] == ["k1"]

@@ -17,7 +17,7 @@ import pytest
 
 from indexer.live_recall import KS, compare, figures
 from indexer.reindex import Reindexer
-from indexer.vectors import VectorIndex
+from indexer.milvus import MilvusStore
 from models.encoder import Encoder
 from onetower.prefixes import purge
 from core.settings import Settings
@@ -54,7 +54,7 @@ def scoring_worker(lsettings: Settings, tiny_model: Path, tmp_path: Path) -> Ite
     proc.wait(timeout=60)
 
 
-def offline_ranks(index: VectorIndex, version: str, seen: dict[str, set[str]], probes: list[EngagementEvent],
+def offline_ranks(index: MilvusStore, version: str, seen: dict[str, set[str]], probes: list[EngagementEvent],
                   items: list[str]) -> list[int]:
     """Exact ranks (1-based, seen items excluded) of each probe's item, in stream order."""
     item_vecs = index.get_vectors("items", version, items, strong=True)
@@ -79,7 +79,7 @@ def test_live_recall_equals_an_offline_ranking_of_the_same_engagements(
     known = {e.user_id for e in history}
     probes = [e for e in rest if e.user_id in known][:PROBES]
     items = sorted({e.item_id for e in history + probes})
-    store, index = StateStore.from_settings(lsettings), VectorIndex(lsettings)
+    store, index = StateStore.from_settings(lsettings), MilvusStore(lsettings)
     store.apply_many([e for e in events["items"] if e.item_id in set(items)]
                      + [e for e in events["users"] if e.user_id in known] + history)
     encoder = Encoder.load(tiny_model)
@@ -125,7 +125,7 @@ def test_a_reindex_promotes_only_on_live_recall_scored_in_both_versions(
     history, rest = events["engagements"][:500], events["engagements"][500:]
     known = {e.user_id for e in history}
     stream = [e for e in rest if e.user_id in known]
-    store, index = StateStore.from_settings(lsettings), VectorIndex(lsettings)
+    store, index = StateStore.from_settings(lsettings), MilvusStore(lsettings)
     store.apply_many(events["items"] + [e for e in events["users"] if e.user_id in known] + history)
     Reindexer(lsettings, Encoder.load(tiny_model), index=index, store=store).run(tiny_model)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.vectors import VectorIndex
+from indexer.milvus import MilvusStore
 from models.encoder import Encoder
 from core.settings import Settings
 from streams.events import EngagementEvent, ItemEvent, UserEvent
@@ -28,12 +28,12 @@ def at(ms: int) -> datetime:
 
 
 def refresher(settings: Settings, encoder: Encoder) -> Refresher:
-    r = Refresher(settings, StateStore.from_settings(settings), encoder, VectorIndex(settings))
+    r = Refresher(settings, StateStore.from_settings(settings), encoder, MilvusStore(settings))
     r.start()
     return r
 
 
-def stored(index: VectorIndex, kind: str, version: str, id_: str) -> tuple[np.ndarray, int] | None:
+def stored(index: MilvusStore, kind: str, version: str, id_: str) -> tuple[np.ndarray, int] | None:
     rows = index.client.query(index.collection(kind, version), ids=[id_], output_fields=["vector", "updated_at"],
                               consistency_level="Strong")
     return (np.asarray(rows[0]["vector"], dtype=np.float32), rows[0]["updated_at"]) if rows else None

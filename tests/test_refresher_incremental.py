@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from models.texts import user_texts
-from indexer.vectors import VectorIndex
+from indexer.milvus import MilvusStore
 from models.encoder import Encoder
 from core.settings import Settings
 from streams.events import EngagementEvent, ItemEvent, UserEvent
@@ -29,9 +29,9 @@ def refresh_users(r: Refresher) -> None:
 
 def test_users_are_refreshed_incrementally_with_the_full_paths_vectors(srv: Settings, tiny_model: Path) -> None:  # noqa: F811
     encoder = Encoder.load(tiny_model)
-    assert Refresher(srv, StateStore.from_settings(srv), encoder, VectorIndex(srv)).incremental is None  # off by default
+    assert Refresher(srv, StateStore.from_settings(srv), encoder, MilvusStore(srv)).incremental is None  # off by default
     settings = srv.model_copy(update={"incremental_users": True})
-    r = Refresher(settings, StateStore.from_settings(settings), encoder, VectorIndex(settings))
+    r = Refresher(settings, StateStore.from_settings(settings), encoder, MilvusStore(settings))
     r.start()
     assert r.incremental is not None
     r.store.apply_many([ItemEvent(item_id=f"m{i}", features={"title": f"Movie {i}", "year": 1990 + i}, ts=at(T0)) for i in range(3)]

@@ -25,7 +25,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from pymilvus.exceptions import MilvusException
 
-from indexer.vectors import IndexUnavailable, VectorIndex
+from indexer.milvus import MilvusStore
+from indexer.vectors import IndexUnavailable
 from onetower.prefixes import purge
 from core.settings import Settings
 from streams.events import DeadLetter, EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent
@@ -180,7 +181,7 @@ def semantic_state(store: StateStore, users: Sequence[str], items: Sequence[str]
     return (store.users(users), store.items(items), [store.engaged_items(u) for u in users])
 
 
-def vectors_reflect_state(index: VectorIndex, store: StateStore, version: str, users: Sequence[str], items: Sequence[str]) -> bool:
+def vectors_reflect_state(index: MilvusStore, store: StateStore, version: str, users: Sequence[str], items: Sequence[str]) -> bool:
     """Every user's vector carries its state's latest event time; every item's vector is at least as new
     as its features (counter events re-encode an item only when its bucket moves)."""
     def rows(kind: str, ids: Sequence[str]) -> dict[str, tuple[int, str]]:
@@ -207,7 +208,7 @@ def reference_state(settings: Settings, events: Sequence[Event], users: Sequence
 
 def test_engagements_move_vectors_replays_change_nothing_and_bad_records_go_to_the_dlq(
         wsettings: Settings, workers: Callable[[], Worker]) -> None:
-    store, index = StateStore.from_settings(wsettings), VectorIndex(wsettings)
+    store, index = StateStore.from_settings(wsettings), MilvusStore(wsettings)
     w = workers()
     version = "tiny_streams"
     first = catalogue(4, 2) + [EngagementEvent(user_id="u0", item_id="m0", ts=now(-10))]
@@ -263,7 +264,7 @@ def test_a_new_item_becomes_retrievable_through_candidates(wsettings: Settings, 
     from indexer.candidates import Retriever
 
     workers()
-    index = VectorIndex(wsettings)
+    index = MilvusStore(wsettings)
     with EventProducer(wsettings) as producer:
         producer.send_many(catalogue(3, 1) + [EngagementEvent(user_id="u0", item_id="m0", ts=now(-5))])
     poll("u0's vector", lambda: index.has_version("tiny_streams") and index.get_vectors("users", "tiny_streams", ["u0"], strong=True))
@@ -278,7 +279,7 @@ def test_a_new_item_becomes_retrievable_through_candidates(wsettings: Settings, 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_a_stop_mid_stream_loses_nothing_and_counts_nothing_twice(wsettings: Settings, workers: Callable[[], Worker],
                                                                    sig: int) -> None:
-    store, index = StateStore.from_settings(wsettings), VectorIndex(wsettings)
+    store, index = StateStore.from_settings(wsettings), MilvusStore(wsettings)
     n_items, n_users = 30, 20
     events = catalogue(n_items, n_users) + activity(6000, n_items, n_users, seed=1)
     users, items = [f"u{u}" for u in range(n_users)], [f"m{i}" for i in range(n_items)]
@@ -302,7 +303,7 @@ def test_a_stop_mid_stream_loses_nothing_and_counts_nothing_twice(wsettings: Set
 
 
 def test_two_workers_split_partitions_and_reach_the_one_worker_state(wsettings: Settings, workers: Callable[[], Worker]) -> None:
-    store, index = StateStore.from_settings(wsettings), VectorIndex(wsettings)
+    store, index = StateStore.from_settings(wsettings), MilvusStore(wsettings)
     n_items, n_users = 20, 16
     events = catalogue(n_items, n_users) + activity(2000, n_items, n_users, seed=2)
     users, items = [f"u{u}" for u in range(n_users)], [f"m{i}" for i in range(n_items)]
@@ -368,7 +369,7 @@ def test_every_hostile_record_goes_to_the_dlq_with_its_reason_and_the_worker_kee
 
 def test_a_poisoned_item_is_quarantined_while_the_rest_of_its_batch_is_refreshed(
         wsettings: Settings, workers: Callable[[], Worker]) -> None:
-    store, index = StateStore.from_settings(wsettings), VectorIndex(wsettings)
+    store, index = StateStore.from_settings(wsettings), MilvusStore(wsettings)
     good = [f"m{i}" for i in range(6)]
     store.apply_many([ItemEvent(item_id=i, features={"title": f"Movie {i}"}, ts=now(-60)) for i in good + ["bad"]])
     store.r.hset(store._i("bad", "f"), "year", "NaN")  # stored before validation rejected NaN: rendering fails on it
