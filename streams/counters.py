@@ -1,15 +1,14 @@
 """Item popularity counters over event time, defined once for the stream workers and for training.
 
 Counts are kept in hour buckets; a window's count at time t is the sum of the buckets of the last
-``hours`` hours up to and including t's hour. Online (Redis) and offline (point-in-time training)
-use these same functions, so a model sees the same counter values in training and in serving.
+``hours`` hours up to and including t's hour. Redis (``streams.state``) and the reference state that
+training replays (``streams.rules``) read counters and fit percentile tables with these functions.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,7 +31,7 @@ def hour_bucket(ts_ms: int) -> int:
     return ts_ms // BUCKET_MS
 
 
-def window_counts(buckets: dict[int, int], now_ms: int, prefix: str) -> dict[str, int]:
+def window_counts(buckets: Mapping[int, int], now_ms: int, prefix: str) -> dict[str, int]:
     """Counts of one signal for every window, from its hour buckets, as of ``now_ms``."""
     now = hour_bucket(now_ms)
     return {
@@ -41,28 +40,20 @@ def window_counts(buckets: dict[int, int], now_ms: int, prefix: str) -> dict[str
     }
 
 
-class PointInTimeCounters:
-    """Offline counterpart of the Redis counters: feed events in time order, read counts as of now."""
+def counters_as_of(buckets: Mapping[str, Mapping[int, int]], as_of_ms: int) -> dict[str, int]:
+    """Every counter (``COUNTER_NAMES``) from each signal's hour buckets, as of ``as_of_ms``."""
+    out: dict[str, int] = {}
+    for signal in SIGNALS:
+        out.update(window_counts(buckets.get(signal, {}), as_of_ms, signal))
+    return out
 
-    def __init__(self) -> None:
-        self._buckets: dict[tuple[str, str], dict[int, int]] = defaultdict(lambda: defaultdict(int))
 
-    def add(self, signal: str, item_id: str, ts_ms: int) -> None:
-        self._buckets[(signal, item_id)][hour_bucket(ts_ms)] += 1
-
-    def counts(self, item_id: str, now_ms: int) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for signal in SIGNALS:
-            out.update(window_counts(self._buckets.get((signal, item_id), {}), now_ms, signal))
-        return out
-
-    def prune(self, now_ms: int, item_ids: Iterable[str] | None = None) -> None:
-        """Drop buckets older than the longest window (keeps memory bounded on long replays)."""
-        horizon = hour_bucket(now_ms) - MAX_WINDOW_H
-        for key, buckets in self._buckets.items():
-            if item_ids is None or key[1] in item_ids:
-                for b in [b for b in buckets if b <= horizon]:
-                    del buckets[b]
+def prune(buckets: dict[int, int], as_of_ms: int) -> None:
+    """Drop the buckets outside every window as of ``as_of_ms`` (they can never be read again, since
+    an item's counters are read as of its newest event time, which only grows)."""
+    horizon = hour_bucket(as_of_ms) - MAX_WINDOW_H
+    for b in [b for b in buckets if b <= horizon]:
+        del buckets[b]
 
 
 class PercentileTable(BaseModel):
@@ -112,3 +103,8 @@ class PercentileTable(BaseModel):
             return cls.model_validate_json(s)
         except ValidationError as exc:
             raise CounterError(f"not a percentile table: {exc.errors()[0]['msg']}") from None
+
+
+def fit_tables(counters: Sequence[Mapping[str, int]]) -> dict[str, PercentileTable]:
+    """One table per counter name, fitted on every item's counters (``counters_as_of``)."""
+    return {name: PercentileTable.fit([c[name] for c in counters]) for name in COUNTER_NAMES}

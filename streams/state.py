@@ -1,5 +1,8 @@
 """The streaming state in Redis (DESIGN.md, State): profiles, histories, counters, dirty queues.
 
+How each kind of event changes the state is defined once, in ``streams.rules`` (its Lua and its
+Python reference side by side); this module runs those rules on Redis and reads the result.
+
 Exactly-once effect under at-least-once delivery: every event is applied by ONE Lua script that
 first claims the event's idempotency key (``SET NX EX``) and then changes the state, so a replay
 (after a crash, a rebalance, or a producer retry) changes nothing, and a crash cannot land between
@@ -54,8 +57,9 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 import redis
 
 from core.settings import Settings
-from streams.counters import BUCKET_MS, COUNTER_NAMES, MAX_WINDOW_H, SIGNALS, PercentileTable, window_counts
-from streams.events import EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent
+from streams.counters import COUNTER_NAMES, SIGNALS, PercentileTable, counters_as_of, fit_tables
+from streams.events import Event
+from streams.rules import RULES, HistoryEntry, ItemState, Keys, Rule, UserState, rule_for
 
 Kind = Literal["users", "items"]
 REJECTED = "REJECTED"  # prefix of the error an event script replies when the event's own data failed it
@@ -66,13 +70,13 @@ def rejected(exc: BaseException) -> bool:
     return type(exc) is redis.ResponseError and str(exc).startswith(REJECTED + " ")
 
 
-def _event_script(helpers: str, body: str) -> str:
-    """An event script: claim the event id (KEYS[1], TTL ARGV[1]; 0 when already applied), apply
-    ``body`` under pcall, and on failure release the claim and reply REJECTED with the reason."""
-    return helpers + f"""
+def _event_script(rule: Rule) -> str:
+    """A rule's script: claim the event id (KEYS[1], TTL ARGV[1]; 0 when already applied), apply the
+    rule's body under pcall, and on failure release the claim and reply REJECTED with the reason."""
+    return rule.lua_helpers + f"""
 if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
 local ok, err = pcall(function()
-{body}
+{rule.lua_body}
 end)
 if ok then return 1 end
 redis.call('DEL', KEYS[1])
@@ -87,93 +91,6 @@ class Lease:
     ids: list[str]
     token: str
 
-
-@dataclass(frozen=True)
-class HistoryEntry:
-    item_id: str
-    ts_ms: int
-
-
-@dataclass(frozen=True)
-class UserState:
-    user_id: str
-    profile: dict[str, Any]
-    history: list[HistoryEntry]  # oldest first, capped at settings.history_len, one entry per item (latest ts)
-    updated_ms: int  # event time of the latest profile or engagement event reflected (what the vector shows)
-    version: int = 0  # state version (``v``): orders two reads of one user, unlike event times, which may tie
-
-
-@dataclass(frozen=True)
-class ItemState:
-    item_id: str
-    features: dict[str, Any]
-    counters: dict[str, int]  # COUNTER_NAMES as of the newest counter event time seen for this item
-    deleted: bool
-    updated_ms: int
-    version: int = 0  # state version (``v``), as for UserState
-
-
-# Shared Lua: count one signal for an item (hour bucket, prune buckets outside the longest window,
-# newest counter time, change number), and queue the item for a bucket check.
-_COUNT = """
-local function capped_add(zset, member, ts, cap)
-  redis.call('ZADD', zset, 'GT', ts, member)
-  local extra = redis.call('ZCARD', zset) - cap
-  if extra > 0 then redis.call('ZREMRANGEBYRANK', zset, 0, extra - 1) end
-end
-local function count(meta, cnt, counted, item, ts, bucket_ms, max_window_h)
-  local b = math.floor(ts / bucket_ms)
-  local cts = tonumber(redis.call('HGET', meta, 'cts') or '-1')
-  if ts > cts then cts = ts; redis.call('HSET', meta, 'cts', ts) end
-  if redis.call('HINCRBY', cnt, b, 1) == 1 then
-    local horizon = math.floor(cts / bucket_ms) - max_window_h
-    for _, f in ipairs(redis.call('HKEYS', cnt)) do
-      if tonumber(f) <= horizon then redis.call('HDEL', cnt, f) end
-    end
-  end
-  local mts = tonumber(redis.call('HGET', meta, 'ts') or '-1')
-  if ts > mts then redis.call('HSET', meta, 'ts', ts) end
-  redis.call('HINCRBY', meta, 'v', 1)
-  redis.call('ZADD', counted, redis.call('HINCRBY', meta, 'n', 1), item)
-end
-"""
-
-# KEYS: ev, u_meta, u_hist, u_seen, dirty_users, i_meta, i_cnt, counted
-# ARGV: ttl, user_id, item_id, ts, history_len, now_ms, bucket_ms, max_window_h
-_ENGAGEMENT = _event_script(_COUNT, """
-local ts = tonumber(ARGV[4])
-capped_add(KEYS[3], ARGV[3], ts, tonumber(ARGV[5]))
-redis.call('SADD', KEYS[4], ARGV[3])
-if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
-redis.call('HINCRBY', KEYS[2], 'v', 1)
-redis.call('ZADD', KEYS[5], 'NX', ARGV[6], ARGV[2])
-count(KEYS[6], KEYS[7], KEYS[8], ARGV[3], ts, tonumber(ARGV[7]), tonumber(ARGV[8]))
-""")
-
-# KEYS: ev, u_meta, u_imp, i_meta, i_cnt, counted
-# ARGV: ttl, item_id, ts, impressions_len, bucket_ms, max_window_h
-_IMPRESSION = _event_script(_COUNT, """
-local ts = tonumber(ARGV[3])
-capped_add(KEYS[3], ARGV[2], ts, tonumber(ARGV[4]))
-if ts > tonumber(redis.call('HGET', KEYS[2], 'its') or '-1') then redis.call('HSET', KEYS[2], 'its', ts) end
-count(KEYS[4], KEYS[5], KEYS[6], ARGV[2], ts, tonumber(ARGV[5]), tonumber(ARGV[6]))
-""")
-
-# Profile or item features: replaced when the event is not older than the stored ones (compacted
-# topics carry full state per key; an out-of-order older event must not win).
-# KEYS: ev, meta, features, dirty      ARGV: ttl, entity_id, ts, now_ms, deleted ('' for users), k1, v1, ...
-_ENTITY = _event_script("", """
-local ts = tonumber(ARGV[3])
-local tsf = ARGV[5] == '' and 'pts' or 'fts'
-if ts < tonumber(redis.call('HGET', KEYS[2], tsf) or '-1') then return end
-redis.call('DEL', KEYS[3])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[2], tsf, ts)
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'deleted', ARGV[5]) end
-if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
-redis.call('HINCRBY', KEYS[2], 'v', 1)
-redis.call('ZADD', KEYS[4], 'NX', ARGV[4], ARGV[2])
-""")
 
 # Move up to ARGV[2] entities to inflight with a lease under token ARGV[5]: first those whose lease
 # expired (a worker died or stalled mid-batch), then settled dirty ones, queue by queue, that are not
@@ -255,10 +172,6 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _encode_features(features: Mapping[str, Any]) -> list[str]:
-    return [x for k, v in features.items() for x in (k, json.dumps(v))]
-
-
 def _decode_features(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
     return {k.decode(): json.loads(v) for k, v in raw.items()}
 
@@ -270,9 +183,8 @@ class StateStore:
         self.r = client
         self.settings = settings
         self.p = settings.redis_key_prefix
-        self._engagement = client.register_script(_ENGAGEMENT)
-        self._impression = client.register_script(_IMPRESSION)
-        self._entity = client.register_script(_ENTITY)
+        self.keys = Keys(self.p)
+        self._scripts = {event_type: client.register_script(_event_script(rule)) for event_type, rule in RULES.items()}
         self._pop = client.register_script(_POP)
         self._release = client.register_script(_RELEASE)
         self._uncount = client.register_script(_UNCOUNT)
@@ -286,13 +198,13 @@ class StateStore:
 
     # -- keys ---------------------------------------------------------------------------------
     def _u(self, uid: str, suffix: str) -> str:
-        return f"{self.p}u:{uid}:{suffix}"
+        return self.keys.user(uid, suffix)
 
     def _i(self, iid: str, suffix: str) -> str:
-        return f"{self.p}i:{iid}:{suffix}"
+        return self.keys.item(iid, suffix)
 
     def _q(self, name: str) -> str:
-        return f"{self.p}{name}"
+        return self.keys.shared(name)
 
     # -- writes -------------------------------------------------------------------------------
     def apply(self, event: Event) -> bool:
@@ -314,31 +226,8 @@ class StateStore:
         s = self.settings
         pipe = self.r.pipeline(transaction=False)
         for ev in events:
-            ev_key = self._q(f"ev:{ev.kind}:{ev.event_id}")
-            if isinstance(ev, EngagementEvent):
-                self._engagement(
-                    keys=[ev_key, self._u(ev.user_id, "m"), self._u(ev.user_id, "h"), self._u(ev.user_id, "e"),
-                          self._q("dirty:users"), self._i(ev.item_id, "m"), self._i(ev.item_id, "c:engagements"),
-                          self._q("counted")],
-                    args=[s.dedup_ttl_s, ev.user_id, ev.item_id, ev.ts_ms, s.history_len, now, BUCKET_MS, MAX_WINDOW_H],
-                    client=pipe)
-            elif isinstance(ev, ImpressionEvent):
-                self._impression(
-                    keys=[ev_key, self._u(ev.user_id, "m"), self._u(ev.user_id, "i"), self._i(ev.item_id, "m"),
-                          self._i(ev.item_id, "c:impressions"), self._q("counted")],
-                    args=[s.dedup_ttl_s, ev.item_id, ev.ts_ms, s.recent_impressions_len, BUCKET_MS, MAX_WINDOW_H],
-                    client=pipe)
-            elif isinstance(ev, UserEvent):
-                self._entity(keys=[ev_key, self._u(ev.user_id, "m"), self._u(ev.user_id, "p"), self._q("dirty:users")],
-                             args=[s.dedup_ttl_s, ev.user_id, ev.ts_ms, now, "", *_encode_features(ev.features)],
-                             client=pipe)
-            elif isinstance(ev, ItemEvent):
-                self._entity(keys=[ev_key, self._i(ev.item_id, "m"), self._i(ev.item_id, "f"), self._q("dirty:items")],
-                             args=[s.dedup_ttl_s, ev.item_id, ev.ts_ms, now, int(ev.deleted),
-                                   *_encode_features({} if ev.deleted else ev.features)],
-                             client=pipe)
-            else:
-                raise TypeError(f"not an event: {type(ev).__name__}")
+            keys, args = rule_for(ev).redis_call(ev, self.keys, s, now)
+            self._scripts[type(ev)](keys=[self.keys.event(ev), *keys], args=[s.dedup_ttl_s, *args], client=pipe)
         results = pipe.execute(raise_on_error=False)
         for res in results:
             if isinstance(res, Exception) and not rejected(res):
@@ -384,11 +273,9 @@ class StateStore:
             if not meta:
                 out.append(None)
                 continue
-            as_of = int(meta.get(b"cts", -1))
-            counters: dict[str, int] = {}
-            for signal, raw in zip(SIGNALS, buckets):
-                counters.update(window_counts({int(b): int(c) for b, c in raw.items()}, as_of, signal))
-            out.append(ItemState(item_id=iid, features=_decode_features(features), counters=counters,
+            counts = {signal: {int(b): int(c) for b, c in raw.items()} for signal, raw in zip(SIGNALS, buckets)}
+            out.append(ItemState(item_id=iid, features=_decode_features(features),
+                                 counters=counters_as_of(counts, int(meta.get(b"cts", -1))),
                                  deleted=meta.get(b"deleted") == b"1", updated_ms=int(meta.get(b"ts", -1)),
                                  version=int(meta.get(b"v", 0))))
         return out
@@ -426,7 +313,7 @@ class StateStore:
         states = [st for start in range(0, len(ids), batch) for st in self.items(ids[start:start + batch]) if st]
         if not states:
             return {}
-        tables = {name: PercentileTable.fit([st.counters[name] for st in states]) for name in COUNTER_NAMES}
+        tables = fit_tables([st.counters for st in states])
         self.r.hset(self._q("pct"), mapping={name: t.to_json() for name, t in tables.items()})
         for start in range(0, len(states), batch):
             self._recheck(states[start:start + batch], tables, {})

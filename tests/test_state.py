@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from core.settings import Settings
-from streams.counters import BUCKET_MS, COUNTER_NAMES, PointInTimeCounters
+from streams.counters import BUCKET_MS, COUNTER_NAMES, WINDOWS_H
 from streams.events import EngagementEvent, ImpressionEvent, ItemEvent, UserEvent
 from streams.state import HistoryEntry, StateStore, rejected
 
@@ -84,21 +84,23 @@ def test_replayed_events_change_nothing(store: StateStore) -> None:
     assert item.counters["impressions_1h"] == 1 and item.counters["engagements_7d"] == 1
 
 
-def test_counters_agree_with_the_offline_point_in_time_counters(store: StateStore) -> None:
+def test_counters_are_windows_as_of_the_items_newest_counter_event(store: StateStore) -> None:
     rng = random.Random(6)
-    offline = PointInTimeCounters()
-    newest: dict[str, int] = {}
+    seen: list[tuple[str, str, int]] = []
     events = []
     for _ in range(400):
         item = rng.choice("xyz")
         ts = T0 + rng.randrange(0, 10 * 24 * BUCKET_MS)  # ten days, in random (out-of-order) arrival
         cls = rng.choice([ImpressionEvent, EngagementEvent])
         events.append(cls(user_id=f"u{rng.randrange(5)}", item_id=item, ts=at(ts)))
-        offline.add(cls.kind, item, ts)
-        newest[item] = max(newest.get(item, ts), ts)
+        seen.append((cls.kind, item, ts))
     store.apply_many(events)
     for state in store.items(["x", "y", "z"]):
-        assert state.counters == offline.counts(state.item_id, newest[state.item_id])
+        now = max(ts for _, item, ts in seen if item == state.item_id) // BUCKET_MS
+        assert state.counters == {
+            f"{signal}_{window}": sum(1 for s, item, ts in seen if s == signal and item == state.item_id
+                                      and now - hours < ts // BUCKET_MS <= now)
+            for signal in ("impressions", "engagements") for window, hours in WINDOWS_H.items()}
         assert set(state.counters) == set(COUNTER_NAMES)
     # Buckets older than the longest window are pruned, so memory per item stays bounded.
     assert len(store.r.hkeys(store._i("x", "c:impressions"))) <= 24 * 7 + 1

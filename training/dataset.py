@@ -1,14 +1,18 @@
 """Point-in-time training data read from the same Kafka topics the stream workers consume.
 
-For every engagement at event time t the example holds what serving would have known just before t:
-the user's profile and positives strictly before t, and the engaged item with its popularity
-counters as of t (``streams.counters``, the windows the Redis counters use) written as percentile
-buckets fitted over the whole catalogue's counters at t. Events are applied in groups of equal
-timestamps *after* the group's examples are emitted, so nothing at or after t reaches an example,
-its negatives included: hard negatives are items shown to the user before t and not engaged before
-t, the most recent first; random negatives (when too few were shown) are catalogue items the user
-had not engaged with before t. Each example also carries ``logq``, the log of its positive's share
-of the training window's engagements, for the sampling-bias correction of in-batch negatives.
+For every engagement at event time t the example holds what serving would have held just before t.
+The events are replayed through ``streams.rules.ReferenceState`` (the rules the stream workers apply
+to Redis, in Python) and the texts are made by ``models.texts``, the functions serving uses, so
+training and serving cannot drift apart: the user text is the profile and the capped history (one
+entry per item) before t, the item texts carry counters as of each item's newest counter event,
+written as percentile buckets through tables refitted once per event-time hour. Events are applied
+in groups of equal timestamps *after* the group's examples are emitted, so nothing at or after t
+reaches an example, its negatives included: hard negatives are the user's recent impressions before
+t that the user had not engaged with, the most recent first; random negatives (when too few were
+shown) are catalogue items the user had not engaged with before t. ``history`` lists the items the
+user had engaged with before t (what retrieval excludes). Each example also carries ``logq``, the log
+of its positive's share of the training window's engagements, for the sampling-bias correction of
+in-batch negatives.
 
 The result is split by time (train < validation < test) and cached as parquet under a fingerprint
 of the topics, their offsets and the options, so a rebuild happens only when the data or the recipe
@@ -25,6 +29,7 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -38,17 +43,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from core.errors import OnetowerError
-from models.render import PROMPT_FORMAT_VERSION, render_item, render_user
 from core.settings import Settings
-from streams.counters import COUNTER_NAMES, PercentileTable, PointInTimeCounters, hour_bucket
-from streams.events import (ORIGIN_HEADER, EngagementEvent, Event, ImpressionEvent, InvalidEvent, ItemEvent, Origin, UserEvent,
+from models.render import PROMPT_FORMAT_VERSION, Tokenizer
+from models.texts import has_text, item_state_texts, user_state_texts
+from streams.counters import hour_bucket
+from streams.events import (EVENT_TYPES, ORIGIN_HEADER, EngagementEvent, Event, InvalidEvent, ItemEvent, Origin, kind_rank,
                             parse_event)
+from streams.rules import ReferenceState, UserState
 from streams.topics import KafkaUnavailable
 
 log = logging.getLogger(__name__)
 
-DATASET_FORMAT_VERSION = "3"  # bump when the example recipe below changes: old caches are then ignored
-TOPIC_KINDS = ("items", "users", "impressions", "engagements")  # equal timestamps are applied in this order
+DATASET_FORMAT_VERSION = "4"  # bump when the example recipe below changes: old caches are then ignored
 SPLITS = ("train", "val", "test")
 STALL_S = 60  # seconds without a record, while partitions are short of their end offsets, before giving up
 
@@ -64,7 +70,10 @@ class DatasetOptions(BaseModel):
 
     hard_negatives: int = Field(default=2, ge=0, le=8, description="hard-negative columns per example")
     counts_mode: Literal["bucket", "raw"] = Field(default="bucket", description="counters as percentile buckets (paper) or raw counts (ablation)")
-    history_len: int = Field(default=50, ge=1, description="most recent positives rendered into the user text")
+    history_len: int = Field(default=50, ge=1, description="positives kept per user, as serving's settings.history_len: "
+                             "the history rendered into the user text")
+    recent_impressions_len: int = Field(default=100, ge=1, description="recent impressions kept per user, as serving's "
+                                        "settings.recent_impressions_len: where hard negatives come from")
     base_model: str = Field(default="minilm", description="its tokenizer fits the user text into max_seq_length")
     max_seq_length: int = Field(default=256, ge=16)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
@@ -109,7 +118,7 @@ def _consumer(settings: Settings) -> KafkaConsumer:
 
 def _partitions(consumer: KafkaConsumer, settings: Settings) -> list[TopicPartition]:
     out = []
-    for kind in TOPIC_KINDS:
+    for kind in EVENT_TYPES:
         topic = settings.topic(kind)
         parts = consumer.partitions_for_topic(topic)
         if not parts:
@@ -162,7 +171,7 @@ def read_events(settings: Settings, options: DatasetOptions, ranges: dict[TopicP
     try:
         ranges = ranges or _offset_range(consumer, _partitions(consumer, settings), options, settings)
         todo = {tp: r for tp, r in ranges.items() if r[1] > r[0]}
-        kind_of = {settings.topic(k): k for k in TOPIC_KINDS}
+        kind_of = {settings.topic(k): k for k in EVENT_TYPES}
         consumer.assign(list(todo))
         for tp, (begin, _) in todo.items():
             consumer.seek(tp, begin)
@@ -206,67 +215,32 @@ def read_events(settings: Settings, options: DatasetOptions, ranges: dict[TopicP
 
 
 def _time_key(event: Event) -> tuple[int, int, str]:
-    """Event time, then topic, then id: partitions interleave arbitrarily, the examples must not."""
-    return event.ts_ms, TOPIC_KINDS.index(event.kind), event.event_id
+    """Event time, then the application order of kinds, then id: partitions interleave arbitrarily, the examples must not."""
+    return event.ts_ms, kind_rank(event.kind), event.event_id
 
 
-class _State:
-    """What serving knows at a moment: catalogue, profiles, positives, counters and their percentiles."""
+class _Refits:
+    """Refits the state's percentile tables once per event-time hour (serving refits periodically too)."""
 
-    def __init__(self, options: DatasetOptions) -> None:
-        self.options = options
-        self.items: dict[str, dict] = {}
-        self.profiles: dict[str, dict] = {}
-        self.history: dict[str, list[tuple[int, str]]] = defaultdict(list)  # user -> [(ts, item)] in time order
-        self.shown: dict[str, list[tuple[int, str]]] = defaultdict(list)  # user -> [(ts, item)] impressions in time order
-        self.counters = PointInTimeCounters()
-        self.tables: dict[str, PercentileTable] = {}
-        self.table_hour: int | None = None
+    def __init__(self, state: ReferenceState, counts_mode: str) -> None:
+        self.state = state
+        self.enabled = counts_mode == "bucket"
+        self.hour: int | None = None
 
-    def apply(self, event: Event) -> None:
-        if isinstance(event, ItemEvent):
-            if event.deleted:
-                self.items.pop(event.item_id, None)
-            else:
-                self.items[event.item_id] = dict(event.features)
-        elif isinstance(event, UserEvent):
-            self.profiles[event.user_id] = dict(event.features)
-        elif isinstance(event, ImpressionEvent):
-            self.counters.add("impressions", event.item_id, event.ts_ms)
-            self.shown[event.user_id].append((event.ts_ms, event.item_id))
-        elif isinstance(event, EngagementEvent):
-            self.counters.add("engagements", event.item_id, event.ts_ms)
-            self.history[event.user_id].append((event.ts_ms, event.item_id))
-
-    def refresh_percentiles(self, now_ms: int) -> None:
-        """Refit the percentile tables once per event-time hour (serving refreshes its table periodically too)."""
+    def at(self, now_ms: int) -> None:
         hour = hour_bucket(now_ms)
-        if self.options.counts_mode != "bucket" or hour == self.table_hour:
-            return
-        self.counters.prune(now_ms)
-        counts = [self.counters.counts(item_id, now_ms) for item_id in self.items]
-        self.tables = {name: PercentileTable.fit(c[name] for c in counts) for name in COUNTER_NAMES}
-        self.table_hour = hour
-
-    def item_text(self, item_id: str, now_ms: int) -> str:
-        counts = self.counters.counts(item_id, now_ms)
-        if self.options.counts_mode == "bucket":
-            counts = {name: self.tables[name].bucket(n) for name, n in counts.items()}
-        return render_item(self.items[item_id], counts, counts_mode=self.options.counts_mode)
+        if self.enabled and hour != self.hour:
+            self.state.refresh_percentile_tables()
+            self.hour = hour
 
 
-def _recent_negatives(shown: list[tuple[int, str]], k: int, exclude: set[str]) -> list[str]:
-    """Up to ``k`` distinct items from ``shown`` (impressions before t, time-ordered), the most recent first."""
-    out: list[str] = []
-    for _, item in reversed(shown):
-        if len(out) == k:
-            break
-        if item not in exclude and item not in out:
-            out.append(item)
-    return out
+def _catalogue(state: ReferenceState) -> list[str]:
+    """The items that have a text (serving's index holds these), in id order."""
+    ids = list(state.item_ids())
+    return sorted((st.item_id for st in state.items(ids) if has_text(st)), key=_id_order)
 
 
-def build_examples(events: list[Event], options: DatasetOptions, tokenizer) -> PointInTimeDataset:
+def build_examples(events: list[Event], options: DatasetOptions, tokenizer: Tokenizer) -> PointInTimeDataset:
     """Point-in-time examples from events (any order; they are sorted by event time here)."""
     events = sorted(events, key=_time_key)
     engagements = [e for e in events if isinstance(e, EngagementEvent)]
@@ -279,7 +253,9 @@ def build_examples(events: list[Event], options: DatasetOptions, tokenizer) -> P
     boundaries = {"val": t_val, "test": t_test}
 
     rng = np.random.default_rng(options.seed)
-    state = _State(options)
+    state = ReferenceState(options.history_len, options.recent_impressions_len)
+    refits = _Refits(state, options.counts_mode)
+    catalogue: list[str] = []
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
     catalogues: dict[str, pa.Table] = {}
     skipped = 0
@@ -293,29 +269,30 @@ def build_examples(events: list[Event], options: DatasetOptions, tokenizer) -> P
         progress.update(j - i)
         for split, boundary in boundaries.items():  # catalogue snapshot as the index would hold it at the window start
             if split not in catalogues and t >= boundary:
-                state.refresh_percentiles(boundary)
-                ids = sorted(state.items, key=_id_order)
-                catalogues[split] = pa.table({"item_id": ids, "text": [state.item_text(x, boundary) for x in ids]})
+                refits.at(boundary)
+                catalogues[split] = _catalogue_table(state, catalogue, options)
         group = [e for e in events[i:j] if isinstance(e, EngagementEvent)]
         if group:
-            state.refresh_percentiles(t)
+            refits.at(t)
         for e in group:  # examples see the state before this timestamp only
-            if e.item_id not in state.items:
+            row = _example(e, state, catalogue, options, tokenizer, rng)
+            if row is None:
                 skipped += 1
                 continue
             split = "test" if t >= t_test else "val" if t >= t_val else "train"
-            rows[split].append(_example(e, state, options, tokenizer, rng))
+            rows[split].append(row)
         for e in events[i:j]:
             state.apply(e)
+        if any(isinstance(e, ItemEvent) for e in events[i:j]):
+            catalogue = _catalogue(state)
         i = j
     progress.close()
     for split, boundary in boundaries.items():
         if split not in catalogues:
-            state.refresh_percentiles(boundary)
-            ids = sorted(state.items, key=_id_order)
-            catalogues[split] = pa.table({"item_id": ids, "text": [state.item_text(x, boundary) for x in ids]})
+            refits.at(boundary)
+            catalogues[split] = _catalogue_table(state, catalogue, options)
     if skipped:
-        log.warning("skipped %d engagements with items missing from the catalogue", skipped)
+        log.warning("skipped %d engagements with items that had no text (unknown or deleted) at the time", skipped)
     if not rows["train"]:
         raise DatasetError("the time split left no training examples; lower val_fraction/test_fraction")
     _add_logq(rows)
@@ -329,25 +306,37 @@ def _id_order(item_id: str) -> tuple[int, str]:
     return (0, f"{int(item_id):020d}") if item_id.isdigit() else (1, item_id)
 
 
-def _example(e: EngagementEvent, state: _State, options: DatasetOptions, tokenizer, rng: np.random.Generator) -> dict:
-    """One engagement as serving saw it just before t: the user text, the positive, negatives known before t."""
-    t = e.ts_ms
-    history = [item for _, item in state.history[e.user_id]]  # every entry is strictly before t
-    features = [state.items[x] for x in history[-options.history_len:] if x in state.items]
-    query = render_user(state.profiles.get(e.user_id, {}), features, tokenizer=tokenizer, max_tokens=options.max_seq_length)
-    engaged = set(history)
-    shown = [(ts, x) for ts, x in state.shown[e.user_id] if x in state.items]
-    negatives = _recent_negatives(shown, options.hard_negatives, engaged | {e.item_id})
+def _item_texts(state: ReferenceState, ids: list[str], options: DatasetOptions) -> list[str | None]:
+    return item_state_texts(state.items(ids), state.percentile_tables(), options.counts_mode)
+
+
+def _catalogue_table(state: ReferenceState, catalogue: list[str], options: DatasetOptions) -> pa.Table:
+    return pa.table({"item_id": catalogue, "text": _item_texts(state, catalogue, options)})
+
+
+def _example(e: EngagementEvent, state: ReferenceState, catalogue: list[str], options: DatasetOptions,
+             tokenizer: Tokenizer, rng: np.random.Generator) -> dict | None:
+    """One engagement as serving saw it just before t: the user text, the positive, negatives known
+    before t. None when the positive had no text then (unknown or deleted item)."""
+    (positive,) = _item_texts(state, [e.item_id], options)
+    if positive is None:
+        return None
+    user = state.users([e.user_id])[0] or UserState(e.user_id, {}, [], -1)  # no state yet: the empty user text
+    (query,) = user_state_texts(state, [user], tokenizer=tokenizer, max_tokens=options.max_seq_length)
+    engaged = state.engaged_items(e.user_id)
+    excluded = engaged | {e.item_id}
+    shown = (h.item_id for h in reversed(state.recent_impressions(e.user_id)) if h.item_id not in excluded)  # most recent first
+    negatives = [st.item_id for st in islice((st for x in shown for st in state.items([x]) if has_text(st)), options.hard_negatives)]
     n_hard = len(negatives)
     if n_hard < options.hard_negatives:  # too few shown-but-skipped items: random items the user had not engaged with
-        pool = [x for x in state.items if x not in engaged and x not in negatives and x != e.item_id]
+        pool = [x for x in catalogue if x not in excluded and x not in negatives]
         if len(pool) < options.hard_negatives - n_hard:
             raise DatasetError(f"the catalogue has too few items for {options.hard_negatives} negatives per example")
         negatives += [str(x) for x in rng.choice(pool, options.hard_negatives - n_hard, replace=False)]
-    row = {"ts_ms": t, "user_id": e.user_id, "item_id": e.item_id, "query": query,
-           "positive": state.item_text(e.item_id, t), "history": history, "n_hard": n_hard, "negative_ids": negatives}
-    for n, item in enumerate(negatives, 1):
-        row[f"negative_{n}"] = state.item_text(item, t)
+    row = {"ts_ms": e.ts_ms, "user_id": e.user_id, "item_id": e.item_id, "query": query, "positive": positive,
+           "history": sorted(engaged, key=_id_order), "n_hard": n_hard, "negative_ids": negatives}
+    for n, text in enumerate(_item_texts(state, negatives, options), 1):
+        row[f"negative_{n}"] = text
     return row
 
 
@@ -404,9 +393,9 @@ def load_or_build(settings: Settings, options: DatasetOptions, *, cache_dir: Pat
     tokenizer = build_tower(options.base_model, max_seq_length=options.max_seq_length).tokenizer
     data = build_examples(events, options, tokenizer)
     data.meta.update({"fingerprint": digest, "options": options.model_dump(mode="json"),
-                      "topics": [settings.topic(k) for k in TOPIC_KINDS], "events": len(events),
-                      "invalid_records": {settings.topic(k): stats.invalid[settings.topic(k)] for k in TOPIC_KINDS},
-                      "duplicate_records": {settings.topic(k): stats.duplicates[settings.topic(k)] for k in TOPIC_KINDS}})
+                      "topics": [settings.topic(k) for k in EVENT_TYPES], "events": len(events),
+                      "invalid_records": {settings.topic(k): stats.invalid[settings.topic(k)] for k in EVENT_TYPES},
+                      "duplicate_records": {settings.topic(k): stats.duplicates[settings.topic(k)] for k in EVENT_TYPES}})
     tmp = root.with_name(f".{digest}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

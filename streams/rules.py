@@ -1,0 +1,460 @@
+"""How each kind of event changes the state: one rule per kind, in Lua for Redis and in Python.
+
+A ``Rule`` holds both forms side by side: the Lua that ``StateStore`` runs on Redis (with a builder of
+its KEYS and ARGV) and ``apply``, the same rule on plain Python structures shaped like the Redis keys.
+``ReferenceState`` replays events through the Python form and reads like ``StateStore`` (``StateReader``),
+so training builds its point-in-time examples from the state serving would hold, and
+``tests/test_skew.py`` replays the same events through both and compares them. A new kind of event
+is its schema (``streams.events.EVENT_TYPES``), its rule here (``RULES``) and its tests.
+
+Training used to keep its own rules, which disagreed with serving's. Serving's are the definition
+(the model is used on what serving holds, and a stream worker cannot know more than this):
+
+- history: one entry per item, at its latest engagement, capped at ``history_len`` (the oldest leave
+  first; equal times are ordered by item id bytes, as a Redis sorted set orders them). A user who
+  engaged twice with one item gets the same text in training as in serving. The engaged set, which
+  retrieval excludes, is uncapped.
+- counters: read as of the item's newest counter event (``cts``), not as of a query time: a worker
+  has event times but no clock, so an item's counts stand still between its own events. Buckets
+  outside every window as of ``cts`` are pruned.
+- percentile tables: fitted on every item with any state (catalogue or counts, deleted or not), each
+  item's counters as of its own ``cts``.
+- hard negatives: from the recent impressions (one per item at its latest time, capped at
+  ``recent_impressions_len``).
+- profiles and item features: replaced by an event not older than the stored one (an older one that
+  arrives late is ignored; an equal one wins). A deleted item keeps its counters and its place in
+  histories, which leave it out of texts; a newer item event brings it back.
+- an event id is applied once (Redis forgets it after ``dedup_ttl_s``; the reference never does).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Iterator, Protocol, Sequence, TypeVar
+
+from core.settings import Settings
+from streams.counters import (BUCKET_MS, MAX_WINDOW_H, PercentileTable, counters_as_of, fit_tables, hour_bucket,
+                              prune)
+from streams.events import EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent
+
+
+# ---------------------------------------------------------------- what the state reads as
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    item_id: str
+    ts_ms: int
+
+
+@dataclass(frozen=True)
+class UserState:
+    user_id: str
+    profile: dict[str, Any]
+    history: list[HistoryEntry]  # oldest first, capped at history_len, one entry per item (latest ts)
+    updated_ms: int  # event time of the latest profile or engagement event reflected (what the vector shows)
+    version: int = 0  # state version (``v``): orders two reads of one user, unlike event times, which may tie
+
+
+@dataclass(frozen=True)
+class ItemState:
+    item_id: str
+    features: dict[str, Any]
+    counters: dict[str, int]  # COUNTER_NAMES as of the newest counter event time seen for this item
+    deleted: bool
+    updated_ms: int
+    version: int = 0  # state version (``v``), as for UserState
+
+
+class StateReader(Protocol):
+    """What texts and training read of a state: ``StateStore`` (Redis) and ``ReferenceState`` have it."""
+
+    def users(self, ids: Sequence[str]) -> list[UserState | None]: ...
+
+    def items(self, ids: Sequence[str]) -> list[ItemState | None]: ...
+
+    def engaged_items(self, user_id: str) -> set[str]: ...
+
+    def recent_impressions(self, user_id: str) -> list[HistoryEntry]: ...
+
+    def percentile_tables(self) -> dict[str, PercentileTable]: ...
+
+
+class Keys:
+    """Redis key names under one prefix (the layout is in ``streams.state``); every key is built here."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def user(self, uid: str, suffix: str) -> str:
+        return f"{self.prefix}u:{uid}:{suffix}"
+
+    def item(self, iid: str, suffix: str) -> str:
+        return f"{self.prefix}i:{iid}:{suffix}"
+
+    def shared(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def event(self, event: Event) -> str:
+        """The idempotency key of one event."""
+        return self.shared(f"ev:{event.kind}:{event.event_id}")
+
+
+# ---------------------------------------------------------------- the Python form of the state
+
+
+@dataclass
+class _User:
+    """One user's keys: ``meta`` (u:m: ts, pts, its, v), profile (u:p), history (u:h), engaged (u:e), impressions (u:i)."""
+
+    meta: dict[str, int] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)
+    history: dict[str, int] = field(default_factory=dict)
+    engaged: set[str] = field(default_factory=set)
+    impressions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Item:
+    """One item's keys: ``meta`` (i:m: ts, fts, cts, deleted, v), features (i:f), hour buckets per signal (i:c:<signal>)."""
+
+    meta: dict[str, int] = field(default_factory=dict)
+    features: dict[str, Any] = field(default_factory=dict)
+    buckets: dict[str, dict[int, int]] = field(default_factory=dict)
+
+
+def _zrange(zset: dict[str, int]) -> list[HistoryEntry]:
+    """A sorted set's members, lowest score first, equal scores by member bytes (Redis's ZRANGE order)."""
+    return [HistoryEntry(m, ts) for m, ts in sorted(zset.items(), key=lambda kv: (kv[1], kv[0].encode()))]
+
+
+def _capped_add(zset: dict[str, int], member: str, ts: int, cap: int) -> None:
+    """Lua ``capped_add``: ZADD GT (a member keeps its latest time), then drop the lowest beyond ``cap``."""
+    if member not in zset or ts > zset[member]:
+        zset[member] = ts
+    extra = len(zset) - cap
+    for m in heapq.nsmallest(extra, zset, key=lambda m: (zset[m], m.encode())) if extra > 0 else ():
+        del zset[m]
+
+
+def _raise(meta: dict[str, int], name: str, ts: int) -> None:
+    """Lua ``if ts > HGET(name) then HSET(name, ts)``: a field that holds the newest time seen."""
+    if ts > meta.get(name, -1):
+        meta[name] = ts
+
+
+def _bump(meta: dict[str, int], name: str) -> None:
+    meta[name] = meta.get(name, 0) + 1
+
+
+def _count(item: _Item, signal: str, ts: int) -> None:
+    """Lua ``count``: one event in the item's hour bucket; a new bucket prunes those out of every window."""
+    _raise(item.meta, "cts", ts)
+    buckets = item.buckets.setdefault(signal, {})
+    b = hour_bucket(ts)
+    buckets[b] = buckets.get(b, 0) + 1
+    if buckets[b] == 1:
+        prune(buckets, item.meta["cts"])
+    _raise(item.meta, "ts", ts)
+    _bump(item.meta, "v")
+    _bump(item.meta, "n")
+
+
+def _replace(meta: dict[str, int], stored: dict[str, Any], ts_field: str, ts: int, features: dict[str, Any]) -> bool:
+    """Lua ``_ENTITY``: features replaced unless the event is older than the stored ones; False if ignored."""
+    if ts < meta.get(ts_field, -1):
+        return False
+    stored.clear()
+    stored.update(features)
+    meta[ts_field] = ts
+    _raise(meta, "ts", ts)
+    _bump(meta, "v")
+    return True
+
+
+# ---------------------------------------------------------------- the rules
+
+E = TypeVar("E", bound=Event)
+
+
+class Rule(Generic[E]):
+    """How one kind of event changes the state, in Lua and in Python.
+
+    ``lua_helpers`` and ``lua_body`` form the script; ``StateStore`` runs the body after claiming the
+    event's id, with the claim's key as KEYS[1] and its TTL as ARGV[1] and ``redis_call``'s lists after them.
+    """
+
+    event_type: ClassVar[type[Event]]
+    lua_helpers: ClassVar[str] = ""
+    lua_body: ClassVar[str]
+
+    def redis_call(self, event: E, keys: Keys, settings: Settings, now_ms: int) -> tuple[list[str], list[Any]]:
+        """KEYS[2:] and ARGV[2:] of the script for ``event``; ``now_ms`` (wall clock) scores the dirty queues."""
+        raise NotImplementedError
+
+    def apply(self, event: E, state: ReferenceState) -> None:
+        """The same change on the reference state."""
+        raise NotImplementedError
+
+
+# Shared Lua: capped sorted-set insert, and one counted event for an item (hour bucket, prune buckets
+# outside the longest window, newest counter time, change number), queued for a bucket check.
+_COUNT_LUA = """
+local function capped_add(zset, member, ts, cap)
+  redis.call('ZADD', zset, 'GT', ts, member)
+  local extra = redis.call('ZCARD', zset) - cap
+  if extra > 0 then redis.call('ZREMRANGEBYRANK', zset, 0, extra - 1) end
+end
+local function count(meta, cnt, counted, item, ts, bucket_ms, max_window_h)
+  local b = math.floor(ts / bucket_ms)
+  local cts = tonumber(redis.call('HGET', meta, 'cts') or '-1')
+  if ts > cts then cts = ts; redis.call('HSET', meta, 'cts', ts) end
+  if redis.call('HINCRBY', cnt, b, 1) == 1 then
+    local horizon = math.floor(cts / bucket_ms) - max_window_h
+    for _, f in ipairs(redis.call('HKEYS', cnt)) do
+      if tonumber(f) <= horizon then redis.call('HDEL', cnt, f) end
+    end
+  end
+  local mts = tonumber(redis.call('HGET', meta, 'ts') or '-1')
+  if ts > mts then redis.call('HSET', meta, 'ts', ts) end
+  redis.call('HINCRBY', meta, 'v', 1)
+  redis.call('ZADD', counted, redis.call('HINCRBY', meta, 'n', 1), item)
+end
+"""
+
+
+class EngagementRule(Rule[EngagementEvent]):
+    """History (one entry per item, latest time, capped), engaged set, user version and dirt, item counters."""
+
+    event_type = EngagementEvent
+    lua_helpers = _COUNT_LUA
+    # KEYS: ev, u_meta, u_hist, u_seen, dirty_users, i_meta, i_cnt, counted
+    # ARGV: ttl, user_id, item_id, ts, history_len, now_ms, bucket_ms, max_window_h
+    lua_body = """
+local ts = tonumber(ARGV[4])
+capped_add(KEYS[3], ARGV[3], ts, tonumber(ARGV[5]))
+redis.call('SADD', KEYS[4], ARGV[3])
+if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
+redis.call('HINCRBY', KEYS[2], 'v', 1)
+redis.call('ZADD', KEYS[5], 'NX', ARGV[6], ARGV[2])
+count(KEYS[6], KEYS[7], KEYS[8], ARGV[3], ts, tonumber(ARGV[7]), tonumber(ARGV[8]))
+"""
+
+    def redis_call(self, event: EngagementEvent, keys: Keys, settings: Settings, now_ms: int) -> tuple[list[str], list[Any]]:
+        u, i = event.user_id, event.item_id
+        return ([keys.user(u, "m"), keys.user(u, "h"), keys.user(u, "e"), keys.shared("dirty:users"),
+                 keys.item(i, "m"), keys.item(i, "c:engagements"), keys.shared("counted")],
+                [u, i, event.ts_ms, settings.history_len, now_ms, BUCKET_MS, MAX_WINDOW_H])
+
+    def apply(self, event: EngagementEvent, state: ReferenceState) -> None:
+        user = state.user_record(event.user_id)
+        _capped_add(user.history, event.item_id, event.ts_ms, state.history_len)
+        user.engaged.add(event.item_id)
+        _raise(user.meta, "ts", event.ts_ms)
+        _bump(user.meta, "v")
+        _count(state.item_record(event.item_id), "engagements", event.ts_ms)
+
+
+class ImpressionRule(Rule[ImpressionEvent]):
+    """Recent impressions (one per item, latest time, capped), latest impression time, item counters."""
+
+    event_type = ImpressionEvent
+    lua_helpers = _COUNT_LUA
+    # KEYS: ev, u_meta, u_imp, i_meta, i_cnt, counted
+    # ARGV: ttl, item_id, ts, impressions_len, bucket_ms, max_window_h
+    lua_body = """
+local ts = tonumber(ARGV[3])
+capped_add(KEYS[3], ARGV[2], ts, tonumber(ARGV[4]))
+if ts > tonumber(redis.call('HGET', KEYS[2], 'its') or '-1') then redis.call('HSET', KEYS[2], 'its', ts) end
+count(KEYS[4], KEYS[5], KEYS[6], ARGV[2], ts, tonumber(ARGV[5]), tonumber(ARGV[6]))
+"""
+
+    def redis_call(self, event: ImpressionEvent, keys: Keys, settings: Settings, now_ms: int) -> tuple[list[str], list[Any]]:
+        u, i = event.user_id, event.item_id
+        return ([keys.user(u, "m"), keys.user(u, "i"), keys.item(i, "m"), keys.item(i, "c:impressions"), keys.shared("counted")],
+                [i, event.ts_ms, settings.recent_impressions_len, BUCKET_MS, MAX_WINDOW_H])
+
+    def apply(self, event: ImpressionEvent, state: ReferenceState) -> None:
+        user = state.user_record(event.user_id)
+        _capped_add(user.impressions, event.item_id, event.ts_ms, state.recent_impressions_len)
+        _raise(user.meta, "its", event.ts_ms)
+        _count(state.item_record(event.item_id), "impressions", event.ts_ms)
+
+
+# Profile or item features: replaced when the event is not older than the stored ones (compacted
+# topics carry full state per key; an out-of-order older event must not win).
+# KEYS: ev, meta, features, dirty      ARGV: ttl, entity_id, ts, now_ms, deleted ('' for users), k1, v1, ...
+_ENTITY_LUA = """
+local ts = tonumber(ARGV[3])
+local tsf = ARGV[5] == '' and 'pts' or 'fts'
+if ts < tonumber(redis.call('HGET', KEYS[2], tsf) or '-1') then return end
+redis.call('DEL', KEYS[3])
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[2], tsf, ts)
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'deleted', ARGV[5]) end
+if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
+redis.call('HINCRBY', KEYS[2], 'v', 1)
+redis.call('ZADD', KEYS[4], 'NX', ARGV[4], ARGV[2])
+"""
+
+
+def _encode_features(features: dict[str, Any]) -> list[str]:
+    return [x for k, v in features.items() for x in (k, json.dumps(v))]
+
+
+class UserRule(Rule[UserEvent]):
+    """The profile, replaced by a not-older event; user version and dirt."""
+
+    event_type = UserEvent
+    lua_body = _ENTITY_LUA
+
+    def redis_call(self, event: UserEvent, keys: Keys, settings: Settings, now_ms: int) -> tuple[list[str], list[Any]]:
+        u = event.user_id
+        return ([keys.user(u, "m"), keys.user(u, "p"), keys.shared("dirty:users")],
+                [u, event.ts_ms, now_ms, "", *_encode_features(event.features)])
+
+    def apply(self, event: UserEvent, state: ReferenceState) -> None:
+        user = state.user_record(event.user_id)
+        _replace(user.meta, user.profile, "pts", event.ts_ms, event.features)
+
+
+class ItemRule(Rule[ItemEvent]):
+    """Item features (none once deleted) and the deleted flag, replaced by a not-older event; version and dirt."""
+
+    event_type = ItemEvent
+    lua_body = _ENTITY_LUA
+
+    def redis_call(self, event: ItemEvent, keys: Keys, settings: Settings, now_ms: int) -> tuple[list[str], list[Any]]:
+        i = event.item_id
+        return ([keys.item(i, "m"), keys.item(i, "f"), keys.shared("dirty:items")],
+                [i, event.ts_ms, now_ms, int(event.deleted), *_encode_features({} if event.deleted else event.features)])
+
+    def apply(self, event: ItemEvent, state: ReferenceState) -> None:
+        item = state.item_record(event.item_id)
+        if _replace(item.meta, item.features, "fts", event.ts_ms, {} if event.deleted else event.features):
+            item.meta["deleted"] = int(event.deleted)
+
+
+RULES: dict[type[Event], Rule[Any]] = {r.event_type: r for r in (ItemRule(), UserRule(), ImpressionRule(), EngagementRule())}
+
+
+def rule_for(event: Event) -> Rule[Any]:
+    """The rule of ``event``'s kind; TypeError for an object no rule covers."""
+    try:
+        return RULES[type(event)]
+    except KeyError:
+        raise TypeError(f"no state rule for {type(event).__name__}") from None
+
+
+# ---------------------------------------------------------------- the reference state
+
+
+class ReferenceState:
+    """The state in Python memory, changed by the same rules as Redis; reads like ``StateStore``.
+
+    Reads are cached per entity until a rule changes it (training reads far more than it writes);
+    the returned states are shared, so callers must not modify them.
+    """
+
+    def __init__(self, history_len: int, recent_impressions_len: int) -> None:
+        self.history_len = history_len
+        self.recent_impressions_len = recent_impressions_len
+        self._users: dict[str, _User] = {}
+        self._items: dict[str, _Item] = {}
+        self._applied: set[tuple[str, str]] = set()
+        self._tables: dict[str, PercentileTable] = {}
+        self._user_reads: dict[str, UserState] = {}
+        self._item_reads: dict[str, ItemState] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReferenceState:
+        return cls(settings.history_len, settings.recent_impressions_len)
+
+    # -- writes -------------------------------------------------------------------------------
+    def apply(self, event: Event) -> bool:
+        """Apply one event; False when its id was already applied (as ``StateStore.apply``)."""
+        rule = rule_for(event)
+        claim = (event.kind, event.event_id)
+        if claim in self._applied:
+            return False
+        self._applied.add(claim)
+        rule.apply(event, self)
+        return True
+
+    def user_record(self, user_id: str) -> _User:
+        """A user's keys, for a rule to change (its cached read is dropped)."""
+        self._user_reads.pop(user_id, None)
+        return self._users.setdefault(user_id, _User())
+
+    def item_record(self, item_id: str) -> _Item:
+        """An item's keys, for a rule to change (its cached read is dropped)."""
+        self._item_reads.pop(item_id, None)
+        return self._items.setdefault(item_id, _Item())
+
+    # -- reads --------------------------------------------------------------------------------
+    def users(self, ids: Sequence[str]) -> list[UserState | None]:
+        """User states in the order of ``ids``; None for a user with no state."""
+        return [self._user_state(uid) for uid in ids]
+
+    def _user_state(self, uid: str) -> UserState | None:
+        if (cached := self._user_reads.get(uid)) is not None:
+            return cached
+        user = self._users.get(uid)
+        if user is None or not user.meta:
+            return None
+        state = UserState(user_id=uid, profile=dict(user.profile), history=_zrange(user.history),
+                          updated_ms=user.meta.get("ts", -1), version=user.meta.get("v", 0))
+        self._user_reads[uid] = state
+        return state
+
+    def items(self, ids: Sequence[str]) -> list[ItemState | None]:
+        """Item states in the order of ``ids``; None for an item with no state (neither features nor counts)."""
+        return [self._item_state(iid) for iid in ids]
+
+    def _item_state(self, iid: str) -> ItemState | None:
+        if (cached := self._item_reads.get(iid)) is not None:
+            return cached
+        item = self._items.get(iid)
+        if item is None or not item.meta:
+            return None
+        state = ItemState(item_id=iid, features=dict(item.features), counters=counters_as_of(item.buckets, item.meta.get("cts", -1)),
+                          deleted=item.meta.get("deleted") == 1, updated_ms=item.meta.get("ts", -1), version=item.meta.get("v", 0))
+        self._item_reads[iid] = state
+        return state
+
+    def user_ids(self) -> Iterator[str]:
+        return (uid for uid, user in self._users.items() if user.meta)
+
+    def item_ids(self) -> Iterator[str]:
+        return (iid for iid, item in self._items.items() if item.meta)
+
+    def engaged_items(self, user_id: str) -> set[str]:
+        """Every item the user ever engaged with (uncapped)."""
+        user = self._users.get(user_id)
+        return set(user.engaged) if user else set()
+
+    def recent_impressions(self, user_id: str) -> list[HistoryEntry]:
+        """The user's most recent impressions, oldest first (capped at recent_impressions_len)."""
+        user = self._users.get(user_id)
+        return _zrange(user.impressions) if user else []
+
+    def counter_buckets(self, item_id: str, signal: str) -> dict[int, int]:
+        """The hour buckets one signal keeps for an item (what pruning left)."""
+        item = self._items.get(item_id)
+        return dict(item.buckets.get(signal, {})) if item else {}
+
+    # -- popularity percentiles ---------------------------------------------------------------
+    def percentile_tables(self) -> dict[str, PercentileTable]:
+        """The tables of the last refresh (empty until the first one)."""
+        return dict(self._tables)
+
+    def refresh_percentile_tables(self) -> dict[str, PercentileTable]:
+        """Refit every counter's table on all items' counters, as ``StateStore.refresh_percentile_tables``
+        does (no items: nothing is refitted and {} is returned)."""
+        states = [st for st in self.items(list(self.item_ids())) if st]
+        if not states:
+            return {}
+        self._tables = fit_tables([st.counters for st in states])
+        return self._tables
