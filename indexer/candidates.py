@@ -18,11 +18,12 @@ import numpy as np
 import redis
 
 from core.errors import OnetowerError, Unavailable
-from models.texts import user_state_texts, user_text
 from core.settings import Settings
+from indexer import state_vectors
 from indexer.filters import Filter
 from indexer.store import open_store
 from indexer.vectors import MAX_TOPK, VectorStore
+from models.texts import user_text
 from streams.state import StateStore
 
 if TYPE_CHECKING:
@@ -73,8 +74,7 @@ class Retriever:
             if state is None:
                 raise UnknownUser(f"unknown user {user_id!r}: no vector in version {version} and no state in Redis")
             encoder = self.encoder(version)
-            text = self._state(lambda: user_state_texts(self.store, [state], tokenizer=encoder.tokenizer,
-                                                        max_tokens=encoder.max_seq_length)[0])
+            text = self._state(lambda: state_vectors.texts("users", [state], self.store, {}, encoder)[0])
             vector = encoder.encode([text])[0]
         seen = self._state(lambda: self.store.engaged_items(user_id)) if exclude_seen else set()
         return self.search(version, vector, k, seen, filter, cold)

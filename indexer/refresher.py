@@ -29,9 +29,9 @@ import numpy as np
 import redis
 from prometheus_client import Counter
 
-from models.texts import item_state_texts, user_state_texts
-from indexer.vectors import IndexUnavailable, VectorStore
 from core.settings import Settings
+from indexer import state_vectors
+from indexer.vectors import IndexUnavailable, VectorStore
 from streams import metrics
 from streams.state import Kind, Lease, StateStore
 
@@ -155,13 +155,9 @@ class Refresher:
     def encode(self, kind: Kind, ids: Sequence[str]) -> Rendered:
         """Read the states of ``ids`` once (the text encoded, the updated_at and the version stored
         with it describe the same state) and encode those that have a text."""
-        if kind == "items":
-            states: Sequence[Any] = self.store.items(ids)
-            texts = item_state_texts(states, self._tables)
-        else:
-            states = self.store.users(ids)
-            texts = user_state_texts(self.store, states, tokenizer=self.encoder.tokenizer, max_tokens=self.encoder.max_seq_length)
-        live = [(i, st, text) for i, st, text in zip(ids, states, texts) if text is not None]
+        states: Sequence[Any] = self.store.items(ids) if kind == "items" else self.store.users(ids)
+        live = [(i, st, text) for i, st, text in zip(ids, states, state_vectors.texts(kind, states, self.store, self._tables, self.encoder))
+                if text is not None]
         vectors = np.zeros((0, self.settings.embedding_dim), dtype=np.float32)
         if live:
             started = time.perf_counter()
@@ -186,17 +182,13 @@ class Refresher:
             STALE_WRITES.labels(kind).inc(stale)
             log.info("older renders not written", extra={"kind": kind, "skipped": stale})
         if rows:
-            live = [batch.live[n] for n in rows]
-            fields = [{"updated_at": max(st.updated_ms, 0), "attrs": st.features if kind == "items" else st.profile}
-                      for _, st in live]
-            upsert = self.index.upsert_items if kind == "items" else self.index.upsert_users
-            upsert(self.version, [i for i, _ in live], batch.vectors[rows], fields)
+            live = [batch.live[n][1] for n in rows]
+            state_vectors.upsert(self.index, self.version, kind, live, batch.vectors[rows])
             now_ms = time.time() * 1000
-            for _, st in live:
+            for st in live:
                 if st.updated_ms >= 0:
                     metrics.FRESHNESS.labels(kind).observe(max(now_ms - st.updated_ms, 0) / 1000)
-        if gone:
-            (self.index.delete_items if kind == "items" else self.index.delete_users)(self.version, gone)
+        state_vectors.delete(self.index, self.version, kind, gone)
         lost = self.store.ack_dirty(kind, lease, batch.ids)
         if lost:
             log.warning("leases expired mid-batch; queued again", extra={"kind": kind, "ids": lost[:10], "lost": len(lost)})

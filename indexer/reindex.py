@@ -34,13 +34,14 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from core.errors import OnetowerError
-from models.texts import item_state_texts, user_state_texts
+from core.settings import Settings
+from indexer import state_vectors
+from indexer.state_vectors import entity_id, fields
 from indexer.store import open_store
 from indexer.vectors import VectorStore, VersionError
 from models.encoder import Encoder
-from core.settings import Settings
 from streams.events import InvalidEvent, ItemEvent, parse_event
-from streams.state import ItemState, StateStore, UserState
+from streams.state import ItemState, Kind, StateStore
 
 SAMPLE_MIN_COSINE = 0.99  # a stored vector against a fresh encoding of the same text (fp32 ONNX: ~1.0)
 INDEX_WAIT_S = 1800.0
@@ -99,7 +100,7 @@ def latest_items(settings: Settings, poll_ms: int = 1000) -> dict[str, ItemEvent
 class _Kind:
     """One kind of entity to index: its ids, how to read their states, texts and scalar fields."""
 
-    name: str  # "items" or "users"
+    name: Kind
     ids: Callable[[], list[str]]
     states: Callable[[Sequence[str]], list[Any]]
     texts: Callable[[Sequence[Any]], list[str | None]]
@@ -140,8 +141,7 @@ class Reindexer:
 
         items, source = self._items()
         users = _Kind("users", lambda: list(dict.fromkeys(self.store.user_ids())), self.store.users,
-                      lambda states: user_state_texts(self.store, states, tokenizer=self.encoder.tokenizer,
-                                                      max_tokens=self.encoder.max_seq_length))
+                      lambda states: state_vectors.texts("users", states, self.store, {}, self.encoder))
         for _ in range(2):  # the second pass catches what streamed in during the first
             self._sync(items)
             self._sync(users)
@@ -183,7 +183,7 @@ class Reindexer:
     def _items(self) -> tuple[_Kind, str]:
         """Items from Redis, or from the items topic when Redis holds none."""
         tables = self.store.percentile_tables()
-        texts = lambda states: item_state_texts(states, tables)  # noqa: E731
+        texts = lambda states: state_vectors.texts("items", states, self.store, tables, self.encoder)  # noqa: E731
         if next(iter(self.store.item_ids()), None) is not None:
             return _Kind("items", lambda: list(dict.fromkeys(self.store.item_ids())), self.store.items, texts), "redis"
         events = latest_items(self.settings)
@@ -201,18 +201,16 @@ class Reindexer:
                 batch = ids[start:start + self.settings.reindex_batch]
                 states = kind.states(batch)
                 rows = [(st, text) for st, text in zip(states, kind.texts(states)) if text is not None]
-                live.update(_id(st) for st, _ in rows)
-                fresh = [(st, text) for st, text in rows if stored.get(_id(st)) != st.updated_ms]
+                live.update(entity_id(st) for st, _ in rows)
+                fresh = [(st, text) for st, text in rows if stored.get(entity_id(st)) != fields(st)["updated_at"]]
                 if fresh:
                     vectors = self.encoder.encode([text for _, text in fresh])
-                    upsert = self.index.upsert_items if kind.name == "items" else self.index.upsert_users
-                    upsert(self.version, [_id(st) for st, _ in fresh], vectors,
-                           [{"updated_at": st.updated_ms, "attrs": _attrs(st)} for st, _ in fresh])
+                    state_vectors.upsert(self.index, self.version, kind.name, [st for st, _ in fresh], vectors)
                     for st, text in fresh:
-                        self._keep_sample(kind, _id(st), text)
+                        self._keep_sample(kind, entity_id(st), text)
                 progress.advance(task, len(batch))
         gone = [i for i in stored if i not in live]
-        (self.index.delete_items if kind.name == "items" else self.index.delete_users)(self.version, gone)
+        state_vectors.delete(self.index, self.version, kind.name, gone)
         for i in gone:
             kind.sample.pop(i, None)
         kind.seen = len(live)
@@ -248,15 +246,6 @@ class Reindexer:
     def _progress(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         disable=not self.show_progress, transient=False)
-
-
-def _id(state: ItemState | UserState) -> str:
-    return state.item_id if isinstance(state, ItemState) else state.user_id
-
-
-def _attrs(state: ItemState | UserState) -> dict[str, Any]:
-    """The scalar fields stored with the vector (filterable as attrs["name"])."""
-    return dict(state.features) if isinstance(state, ItemState) else dict(state.profile)
 
 
 def reindex(settings: Settings, model_dir: Path, *, restart: bool = False, show_progress: bool = False,
