@@ -41,6 +41,7 @@ from streams.state import StateStore
 
 OUT = Path("/tmp/onetower-scale")
 DIM = 512
+ORDER = ("items", "users", "impressions", "engagements")  # catalogue first at equal event times
 
 
 def write(part: str, result: dict, out: Path | None) -> None:
@@ -150,13 +151,13 @@ def part_state(base: Settings, args: argparse.Namespace) -> dict:
 def part_memory(base: Settings, args: argparse.Namespace) -> dict:
     """MovieLens-100k replayed into a fresh prefix, then ``MEMORY USAGE`` of every key, grouped per user,
     per item, per idempotency key and for the shared structures."""
-    from streams.movielens import TOPIC_ORDER, events_from_wheel, recbole_wheel
+    from streams.movielens import events_from_wheel, recbole_wheel
 
     s = isolated(base, "sm")
     store = StateStore.from_settings(s)
     try:
         by_kind = events_from_wheel(recbole_wheel(s))
-        events = sorted((e for kind in by_kind.values() for e in kind), key=lambda e: (e.ts, TOPIC_ORDER.index(e.kind)))
+        events = sorted((e for kind in by_kind.values() for e in kind), key=lambda e: (e.ts, ORDER.index(e.kind)))
         for k in tqdm(range(0, len(events), 1000), desc="replay MovieLens", unit="kev"):
             store.apply_many(events[k:k + 1000])
         store.refresh_percentile_tables()
@@ -191,13 +192,13 @@ def part_encoder(base: Settings, args: argparse.Namespace) -> dict:
     from models.encoder import Encoder
     from models.texts import user_texts
     from models.tuned import served_artifact
-    from streams.movielens import TOPIC_ORDER, events_from_wheel, recbole_wheel
+    from streams.movielens import events_from_wheel, recbole_wheel
 
     s = isolated(base, "se")
     store = StateStore.from_settings(s)
     try:
         by_kind = events_from_wheel(recbole_wheel(s))
-        events = sorted((e for kind in by_kind.values() for e in kind), key=lambda e: (e.ts, TOPIC_ORDER.index(e.kind)))
+        events = sorted((e for kind in by_kind.values() for e in kind), key=lambda e: (e.ts, ORDER.index(e.kind)))
         for k in tqdm(range(0, len(events), 1000), desc="replay MovieLens", unit="kev"):
             store.apply_many(events[k:k + 1000])
         ids = [str(u) for u in range(1, args.users + 1)]
@@ -361,7 +362,7 @@ class Proc:
         flags = (["--model", str(model)] if model else []) if refresh else ["--no-refresh"]
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-c", "from onetower.cli import app; app()", "worker", *flags],
-                                     stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
+                                     stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)  # a fresh log: its port only
         self.ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + 300
         self.port = 0
@@ -517,7 +518,7 @@ def part_table(base: Settings, args: argparse.Namespace) -> dict:
     qps_core = milvus["concurrency_4"]["qps"] / 2  # 2 cores on this machine
     rows = []
     for users, eng in args.sizes:
-        events = eng * (1 + args.impressions_per_engagement)
+        events = round(eng * (1 + args.impressions_per_engagement))
         items = users // args.users_per_item
         dedup_keys = events * args.dedup_ttl_s
         redis_bytes = (users * memory["bytes_per_user"] + items * memory["bytes_per_item"]
@@ -568,6 +569,7 @@ def part_plot(base: Settings, args: argparse.Namespace) -> dict:
                             (ax2, "user vector freshness (event -> upsert)", "seconds")):
         ax.set_xscale("log")
         ax.set_yscale("symlog")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("offered events/s (impressions + engagements)")
         ax.set_ylabel(ylab)
         ax.set_title(title)
