@@ -42,7 +42,11 @@ class Settings(BaseSettings):
     # redis_url_masked only.
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
     redis_password: SecretStr = SecretStr("")
-    redis_key_prefix: str = "ot:"
+    redis_key_prefix: str = Field(default="ot:", description="start of every key (no braces: keys carry a hash tag after it)")
+    redis_cluster: bool = Field(default=False, description="redis_url names one node of a Redis Cluster (the local stack "
+                                "then runs three nodes, on redis_url's port and the next two)")
+    redis_shards: int = Field(default=16, ge=1, le=16384, description="shards the state is split into, one hash slot each (a "
+                              "script touches one shard); fixed for the life of a keyspace: changing it strands the state")
 
     # Milvus: an http(s) URI is a server; a path ending in .db is Milvus Lite (one process only).
     milvus_uri: str = "http://127.0.0.1:19530"
@@ -92,6 +96,13 @@ class Settings(BaseSettings):
     def _prefix_is_topic_safe(cls, v: str) -> str:
         if not set(v) <= TOPIC_CHARS:
             raise ValueError("topic_prefix may hold only letters, digits, '.', '_' and '-'")
+        return v
+
+    @field_validator("redis_key_prefix")
+    @classmethod
+    def _prefix_has_no_hash_tag(cls, v: str) -> str:
+        if "{" in v or "}" in v:
+            raise ValueError("redis_key_prefix may not hold '{' or '}': the shard's hash tag follows it")
         return v
 
     @field_validator("redis_url")

@@ -1,4 +1,5 @@
-"""The local stack: real Kafka (KRaft), redis-server and Milvus standalone on 127.0.0.1.
+"""The local stack: real Kafka (KRaft), redis-server (or a three-node Redis Cluster, ``redis_cluster``) and
+Milvus standalone on 127.0.0.1.
 
 Each server runs in its own process group with a pid file under ``<state_dir>/run``, logs under
 ``<state_dir>/logs`` and data under ``<state_dir>/<name>``, so ``up`` is idempotent and ``down``
@@ -120,11 +121,17 @@ class Service:
 
 
 class Redis(Service):
+    """A redis-server on ``port`` (default: redis_url's)."""
+
     name = "redis"
     start_timeout_s = 20.0
 
+    def __init__(self, settings: Settings, port: int | None = None) -> None:
+        super().__init__(settings)
+        self.port = settings.redis_port if port is None else port
+
     def address(self) -> str:
-        return f"127.0.0.1:{self.settings.redis_port}"
+        return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         exe = shutil.which("redis-server")
@@ -132,16 +139,54 @@ class Redis(Service):
             raise StackError("redis-server is not installed; run the setup command (make setup)")
         # appendfsync always: a script's reply comes after the AOF fsync, so the offsets a worker commits
         # after it cover only events on disk. (WAITAOF, Redis >= 7.2, is not in Debian's 7.0.)
-        return [exe, "--bind", "127.0.0.1", "--port", str(self.settings.redis_port), "--dir", str(self.data_dir),
+        return [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"]
 
     def is_ready(self) -> bool:
         import redis
 
         try:
-            return bool(redis.Redis(host="127.0.0.1", port=self.settings.redis_port, socket_timeout=1).ping())
+            # retry=None: redis-py's default retries a refused connection for seconds
+            return bool(redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, retry=None).ping())
         except redis.RedisError:
             return False
+
+
+class RedisClusterNode(Redis):
+    """Node ``index`` of the local Redis Cluster, on redis_url's port + ``index`` (its cluster bus on that + 10000)."""
+
+    def __init__(self, settings: Settings, index: int) -> None:
+        self.name = f"redis-{index}"
+        super().__init__(settings, settings.redis_port + index)
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "5000"]
+
+    def cluster_info(self) -> dict[str, str]:
+        import redis
+
+        return {k: str(v) for k, v in redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2).cluster("info").items()}
+
+
+CLUSTER_NODES = 3  # the fewest primaries redis-cli --cluster create accepts
+CLUSTER_SLOTS = 16384
+
+
+def join_cluster(nodes: list[RedisClusterNode], timeout_s: float = 30.0) -> None:
+    """Make the started ``nodes`` one cluster of primaries sharing every slot, unless they are one
+    already (a restarted node rejoins from its nodes.conf); wait until every node serves."""
+    if int(nodes[0].cluster_info()["cluster_slots_assigned"]) < CLUSTER_SLOTS:
+        done = subprocess.run(["redis-cli", "--cluster", "create", *(n.address() for n in nodes), "--cluster-replicas", "0",
+                               "--cluster-yes"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StackError(f"redis-cli --cluster create failed: {done.stdout[-500:]}{done.stderr[-500:]}; a node that "
+                             f"holds another cluster's state keeps it in {nodes[0].data_dir.parent}/redis-*: remove those to start over")
+    deadline = time.monotonic() + timeout_s
+    while any(n.cluster_info()["cluster_state"] != "ok" for n in nodes):
+        if time.monotonic() > deadline:
+            raise StackError(f"the Redis Cluster on {nodes[0].address()} did not reach state ok in {timeout_s:.0f}s")
+        time.sleep(0.2)
 
 
 class Kafka(Service):
@@ -259,9 +304,13 @@ class Milvus(Service):
             return False
 
 
+def cluster_nodes(settings: Settings) -> list[RedisClusterNode]:
+    return [RedisClusterNode(settings, index) for index in range(CLUSTER_NODES)]
+
+
 def services(settings: Settings) -> list[Service]:
     """The stack's servers in start order; Milvus is left out when the settings point at Milvus Lite."""
-    found: list[Service] = [Redis(settings), Kafka(settings)]
+    found: list[Service] = [*(cluster_nodes(settings) if settings.redis_cluster else [Redis(settings)]), Kafka(settings)]
     if not settings.milvus_is_lite:
         found.append(Milvus(settings))
     return found
@@ -269,7 +318,17 @@ def services(settings: Settings) -> list[Service]:
 
 def up(settings: Settings) -> list[ServiceStatus]:
     """Start every server that is not running and wait until all answer (idempotent)."""
-    return [service.start() for service in services(settings)]
+    return [*start_redis(settings), *(service.start() for service in services(settings) if not isinstance(service, Redis))]
+
+
+def start_redis(settings: Settings) -> list[ServiceStatus]:
+    """Start Redis (the server, or the cluster's nodes joined into one cluster) and wait until it serves."""
+    if not settings.redis_cluster:
+        return [Redis(settings).start()]
+    nodes = cluster_nodes(settings)
+    rows = [node.start() for node in nodes]
+    join_cluster(nodes)
+    return rows
 
 
 def down(settings: Settings) -> None:

@@ -32,7 +32,8 @@ def _group_rss_mib(pid: int) -> float:
 
 @app.command()
 def up() -> None:
-    """Start Kafka, Redis and Milvus (unless already running) and wait until they answer."""
+    """Start Kafka, Redis (three Redis Cluster nodes with ONETOWER_REDIS_CLUSTER=1) and Milvus (unless already
+    running) and wait until they answer."""
     settings = get_settings()
     try:
         with console.status("starting the local stack..."):

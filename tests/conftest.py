@@ -69,16 +69,33 @@ def srv(settings: Settings) -> Iterator[Settings]:
     purge(s)
 
 
+import random  # noqa: E402
+import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
 def free_port() -> int:
     """A TCP port nothing listens on right now (the OS's pick)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port() -> int:
+    """A port p such that the local cluster's nodes (p, p+1, p+2) and their cluster bus ports (+10000) are free."""
+    for base in random.sample(range(20000, 30000, stack.CLUSTER_NODES), 500):
+        if all(_port_free(port) for n in range(stack.CLUSTER_NODES) for port in (base + n, base + n + 10000)):
+            return base
+    raise RuntimeError("no free ports for a private Redis Cluster")
 
 
 @pytest.fixture()
@@ -93,3 +110,23 @@ def private_redis(local_stack: Settings, tmp_path: Path) -> Iterator[Settings]:
         yield private
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(local_stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """The shared stack's settings but with Redis on a private three-node Redis Cluster (free ports, a temp
+    dir), started once per session and stopped after."""
+    private = local_stack.model_copy(update={"state_dir": tmp_path_factory.mktemp("redis-cluster"), "redis_cluster": True,
+                                             "redis_url": f"redis://127.0.0.1:{free_cluster_port()}/0"})
+    try:
+        stack.start_redis(private)
+        yield private
+    finally:
+        for node in stack.cluster_nodes(private):
+            node.stop()
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def any_redis(request: pytest.FixtureRequest, local_stack: Settings) -> Settings:
+    """Per-test settings isolated by unique prefixes, once on the shared redis-server and once on a private Redis Cluster."""
+    return unique_settings(request.getfixturevalue("redis_cluster") if request.param == "cluster" else local_stack)
