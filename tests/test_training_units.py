@@ -123,3 +123,17 @@ def test_baselines_see_every_window_before_the_scored_one_and_exclude_what_servi
     assert [ev.catalogue_ids[i] for i in ev.history[0]] == ["a", "b"]  # excluded for every method, as serving does
     assert ev.score_metrics(pop)["overall"]["recall@10"] == 1.0  # a and b excluded: c ranks first
     assert not ev.slices["cold items"][0]  # c was engaged before the test window
+
+
+def test_the_user_text_is_servings_one_entry_per_item_capped_at_history_len(tokenizer):
+    events = items("a", "b", "c", "d") + [
+        EngagementEvent(user_id="u", item_id="a", ts=at(1), kind_="like"),
+        EngagementEvent(user_id="u", item_id="b", ts=at(2), kind_="like"),
+        EngagementEvent(user_id="u", item_id="a", ts=at(3), kind_="like"),  # again: a moves to the end, once
+        EngagementEvent(user_id="u", item_id="c", ts=at(4), kind_="like"),
+        EngagementEvent(user_id="u", item_id="d", ts=at(10), kind_="like"),
+    ]
+    options = DatasetOptions(hard_negatives=0, counts_mode="raw", history_len=2, val_fraction=0.0, test_fraction=0.2)
+    row = build_examples(events, options, tokenizer).splits["test"].to_pylist()[-1]
+    assert row["item_id"] == "d" and row["query"] == "[USER][HISTORY][ITEM][TITLE] Movie a[ITEM][TITLE] Movie c"
+    assert row["history"] == ["a", "b", "c"]  # what retrieval excludes: every engaged item, uncapped
