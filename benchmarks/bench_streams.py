@@ -1,6 +1,15 @@
 """Benchmark of one stream worker on the local stack (issue 6, item 6); prints figures, asserts nothing.
 
     python benchmarks/bench_streams.py --model DIR     # DIR from `onetower model export --base minilm --out DIR`
+    python benchmarks/bench_streams.py --model DIR --mode live-recall          # issue 13: scoring off/on, interleaved
+    python benchmarks/bench_streams.py --model SMOLLM2_DIR --mode incremental  # issue 12: full vs incremental users
+
+Workload (``--workload``, stated in the output): ``sessions`` (default) replays MovieLens' arrival
+pattern at a steady total rate: sessions (a user's engagements split at 30 min gaps in
+MovieLens-100k) start as a Poisson process over random MovieLens users, each with a length and
+within-session gaps drawn from MovieLens' own (half of its gaps are 0-1 s, the rest 20 s to minutes),
+stationary from the window's start (sessions already under way then are in progress); items are
+uniform over the catalogue. ``random``: each engagement picks a random user (the former workload).
 
 1. the encoder's raw capacity on MovieLens user texts (users/s), in this process;
 2. (a) MovieLens-100k replayed at full speed through a worker: events/s for state updates alone
@@ -10,6 +19,13 @@
 5. (d) the pipeline's encode throughput (users/s while draining) as a fraction of the raw one, and the
    share of the drain's wall time spent inside the encoder (independent of other load on the machine);
 6. the time from producing a new item to finding it by a filtered ANN search.
+``--mode live-recall`` (issue 13): state and index seeded in-process, then freshness at half the raw
+capacity with live recall scoring off (sample rate 0), at the default rate and at 1.0, a fresh worker
+per arm, the arms interleaved over ``--rounds`` rounds so that the machine's load hits all alike.
+``--mode incremental`` (issue 12): state seeded in-process (no item index: users' freshness only),
+then per path (full re-encode, incremental) one worker through ascending rates until freshness p99
+passes 5 s (capacity = the highest rate that kept it), then half the full path's capacity and half
+the path's own; the incremental encoder's cache hits, misses by reason and bytes against the bound.
 Freshness percentiles are interpolated from the worker's freshness histogram (bucket edges 0.05 s ...).
 Each run uses fresh prefixes and removes its keys, topics and collections afterwards.
 """
@@ -21,13 +37,16 @@ import os
 import random
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -52,9 +71,10 @@ def cleanup(s: Settings) -> None:
 
 
 class Worker:
-    def __init__(self, s: Settings, model: Path, refresh: bool, log: Path) -> None:
+    def __init__(self, s: Settings, model: Path, refresh: bool, log: Path, env: dict[str, str] | None = None) -> None:
         env = {**os.environ, "ONETOWER_TOPIC_PREFIX": s.topic_prefix, "ONETOWER_REDIS_KEY_PREFIX": s.redis_key_prefix,
-               "ONETOWER_MILVUS_PREFIX": s.milvus_prefix, "ONETOWER_WORKER_METRICS_PORT": "0"}
+               "ONETOWER_MILVUS_PREFIX": s.milvus_prefix, "ONETOWER_WORKER_METRICS_PORT": "0", **(env or {})}
+        self.cache_bytes_max = 0.0  # highest onetower_incremental_cache_bytes seen by any scrape
         flag = ["--model", str(model)] if refresh else ["--no-refresh"]
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-c", "from onetower.cli import app; app()", "worker", *flag],
@@ -69,8 +89,10 @@ class Worker:
         for attempt in range(5):
             try:
                 text = requests.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
-                return {(smp.name, frozenset(smp.labels.items())): smp.value
-                        for fam in text_string_to_metric_families(text) for smp in fam.samples}
+                m = {(smp.name, frozenset(smp.labels.items())): smp.value
+                     for fam in text_string_to_metric_families(text) for smp in fam.samples}
+                self.cache_bytes_max = max(self.cache_bytes_max, total(m, "onetower_incremental_cache_bytes"))
+                return m
             except requests.ConnectionError:
                 time.sleep(1)
         raise SystemExit("worker metrics unreachable")
@@ -116,26 +138,312 @@ def wait(what: str, check, timeout: float = 1800.0, every: float = 0.5) -> float
     return time.monotonic()
 
 
-def steady(s: Settings, rate: float, seconds: float, users: list[str], items: list[str], seed: int) -> int:
-    """Send engagements now-stamped at ``rate``/s over random users for ``seconds``; returns how many."""
-    rng = random.Random(seed)
+SESSION_GAP_S = 1800.0  # a user's engagements further apart than this are two sessions
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How steady engagements pick their users: ``sessions`` (MovieLens' lengths and gaps) or ``random``."""
+
+    kind: str
+    users: list[str]
+    items: list[str]
+    lengths: list[int]  # MovieLens session lengths (engagements)
+    gaps: list[float]  # MovieLens gaps between a session's consecutive engagements (s)
+
+    @classmethod
+    def from_movielens(cls, kind: str, engagements: list[EngagementEvent], users: list[str], items: list[str]) -> "Workload":
+        by_user: dict[str, list[float]] = {}
+        for ev in engagements:
+            by_user.setdefault(ev.user_id, []).append(ev.ts.timestamp())
+        lengths, gaps = [], []
+        for times in by_user.values():
+            times.sort()
+            n = 1
+            for a, b in zip(times, times[1:]):
+                if b - a > SESSION_GAP_S:
+                    lengths.append(n)
+                    n = 1
+                else:
+                    gaps.append(b - a)
+                    n += 1
+            lengths.append(n)
+        return cls(kind, users, items, lengths, gaps)
+
+    def describe(self) -> str:
+        if self.kind == "random":
+            return f"random: each engagement a uniform random user of {len(self.users)} and item of {len(self.items)}"
+        g = statistics.quantiles(self.gaps, n=4)
+        return (f"sessions: MovieLens' {len(self.lengths)} sessions (split at {SESSION_GAP_S / 60:.0f} min gaps), length mean "
+                f"{statistics.mean(self.lengths):.1f} / median {statistics.median(self.lengths):.0f}, within-session gaps "
+                f"p25/p50/p75 {g[0]:.0f}/{g[1]:.0f}/{g[2]:.0f} s (mean {statistics.mean(self.gaps):.0f} s); Poisson session "
+                f"starts over {len(self.users)} users, stationary; items uniform over {len(self.items)}")
+
+    def schedule(self, rate: float, seconds: float, seed: int) -> list[tuple[float, str, str]]:
+        """(send time from the window's start, user, item) for ``seconds`` at ``rate`` engagements/s on average."""
+        rng = random.Random(seed)
+        out: list[tuple[float, str, str]] = []
+        if self.kind == "random":
+            t = 0.0
+            while (t := t + rng.expovariate(rate)) < seconds:
+                out.append((t, rng.choice(self.users), rng.choice(self.items)))
+            return out
+        # Sessions start at rate / mean length from far enough back that the window sees the stationary mix.
+        starts_per_s = rate / statistics.mean(self.lengths)
+        horizon = 4 * SESSION_GAP_S
+        t = -horizon
+        while (t := t + rng.expovariate(starts_per_s)) < seconds:
+            user, at = rng.choice(self.users), t
+            for n in range(rng.choice(self.lengths)):
+                if n:
+                    at += rng.choice(self.gaps)
+                if at >= seconds:
+                    break
+                if at >= 0:
+                    out.append((at, user, rng.choice(self.items)))
+        return sorted(out)
+
+
+def steady(s: Settings, rate: float, seconds: float, workload: Workload, seed: int) -> list[tuple[float, str, str]]:
+    """Send engagements now-stamped at ``rate``/s on average for ``seconds`` (``workload``'s pattern); returns them."""
+    plan = workload.schedule(rate, seconds, seed)
     sent = 0
     with EventProducer(s, linger_ms=5) as producer:
         start = time.monotonic()
-        while (elapsed := time.monotonic() - start) < seconds:
-            due = int(elapsed * rate) - sent
-            for _ in range(due):
-                producer.send(EngagementEvent(user_id=rng.choice(users), item_id=rng.choice(items)))
-            sent += max(due, 0)
+        while sent < len(plan):
+            elapsed = time.monotonic() - start
+            while sent < len(plan) and plan[sent][0] <= elapsed:
+                producer.send(EngagementEvent(user_id=plan[sent][1], item_id=plan[sent][2]))
+                sent += 1
             producer.flush()
             time.sleep(0.02)
-    return sent
+        while time.monotonic() - start < seconds:
+            time.sleep(0.05)
+    return plan
+
+
+def load() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def seed_state(s: Settings, events: list, model: Path | None) -> StateStore:
+    """Apply MovieLens in-process; with ``model``, index it (the active version, for live recall); no dirty marks left."""
+    store = StateStore.from_settings(s)
+    for start in range(0, len(events), 2000):
+        store.apply_many(events[start:start + 2000])
+    if model is not None:
+        from indexer.reindex import Reindexer
+        Reindexer(s, Encoder.load(model), store=store).run(model)
+    clear_dirty(store)
+    return store
+
+
+def clear_dirty(store: StateStore) -> None:
+    for kind in ("items", "users"):
+        while (lease := store.pop_dirty(kind, 10_000, int(time.time() * 1000) + 60_000)).ids:
+            store.ack_dirty(kind, lease)
+
+
+def raw_capacity(store: StateStore, model: Path, users: list[str], n: int) -> tuple[float, float]:
+    """Users/s the model's ONNX encoder makes of ``n`` MovieLens user texts in this process, and tokens a user."""
+    encoder = Encoder.load(model)
+    sample = random.Random(0).sample(users, n)
+    texts = [x for x in user_texts(store, sample, tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length) if x]
+    encoder.encode(texts[:4])
+    t = time.perf_counter()
+    encoder.encode(texts)
+    raw = len(texts) / (time.perf_counter() - t)
+    tokens = sum(min(x, encoder.max_seq_length) for x in encoder.count_tokens(texts)) / len(texts)
+    return raw, tokens
+
+
+@dataclass
+class Run:
+    rate: float
+    sent: int
+    encodes: float
+    q: list[float]  # freshness p50/p95/p99 (s)
+    drained: bool
+    inc: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return self.drained and self.q[2] <= 5.0
+
+    def line(self) -> str:
+        p50, p95, p99 = self.q
+        tail = "" if self.drained else "  NOT DRAINED within the limit: p99 > 5 s"
+        return f"{p50:.2f} / {p95:.2f} / {p99:.2f}  ({self.sent} engagements, {self.encodes:.0f} user encodes){tail}"
+
+
+INC_METRICS = ("onetower_incremental_hits_total", "onetower_incremental_tokens_computed_total",
+               "onetower_incremental_tokens_full_total")
+
+
+def measure(w: Worker, s: Settings, store: StateStore, rate: float, args: argparse.Namespace, workload: Workload,
+            seed: int) -> Run:
+    """One steady run on a running worker: send, wait until applied and drained (at most ``--drain-max-s``)."""
+    before = w.metrics()
+    plan = steady(s, rate, args.steady_s, workload, seed)
+    wait("steady events applied", lambda: total(w.metrics(), "onetower_events_total", topic="engagements")
+         - total(before, "onetower_events_total", topic="engagements") >= len(plan))
+    drained = True
+    try:
+        wait("drained", lambda: store.dirty_count("users") == 0, timeout=args.drain_max_s, every=0.5)
+    except SystemExit:
+        drained = False
+    after = w.metrics()
+    inc = {n: total(after, n) - total(before, n) for n in INC_METRICS}
+    for reason in ("absent", "diverged", "version"):
+        inc[f"miss_{reason}"] = (total(after, "onetower_incremental_misses_total", reason=reason)
+                                 - total(before, "onetower_incremental_misses_total", reason=reason))
+    inc["cache_bytes"] = total(after, "onetower_incremental_cache_bytes")
+    inc["cache_users"] = total(after, "onetower_incremental_cache_users")
+    encodes = total(after, "onetower_encoded_total", kind="users") - total(before, "onetower_encoded_total", kind="users")
+    run = Run(rate, len(plan), encodes, freshness_quantiles(before, after, "users", (0.5, 0.95, 0.99)), drained, inc)
+    if not drained:  # leave nothing for the next run
+        clear_dirty(store)
+        time.sleep(2 * s.refresh_debounce_s)
+    return run
+
+
+def ready(w: Worker, s: Settings, store: StateStore, args: argparse.Namespace, workload: Workload) -> None:
+    """Wait for a fresh worker's refresher and partitions, then ``--warmup-s`` of the workload at a low rate,
+    unmeasured (a fresh worker's first encodes are slow)."""
+    wait("refresher started", lambda: "refresher started" in w.log.read_text(), timeout=600)
+    wait("partitions assigned", lambda: any(n == "onetower_consumer_lag" for n, _ in w.metrics()))
+    if args.warmup_s > 0:
+        steady(s, 1.0, args.warmup_s, workload, seed=random.randrange(10**9))
+        wait("warm-up drained", lambda: store.dirty_count("users") == 0, timeout=args.drain_max_s, every=0.5)
+
+
+def live_recall_mode(args: argparse.Namespace, base: Settings, by_kind: dict, workload: Workload, logdir: Path,
+                     report) -> None:
+    """Issue 13: freshness at half capacity, live recall scoring off / default rate / 1.0, interleaved."""
+    events = [ev for rows in by_kind.values() for ev in rows]
+    users = [ev.user_id for ev in by_kind["users"]]
+    s = fresh_settings(base)
+    try:
+        started = time.monotonic()
+        store = seed_state(s, events, args.model)
+        report("seeded and indexed (items, users) in", f"{time.monotonic() - started:.0f} s")
+        raw, tokens = raw_capacity(store, args.model, users, args.raw_users)
+        rate = args.rate or raw / 2
+        report("raw encoder capacity, MovieLens user texts (users/s)", f"{raw:.1f}  ({tokens:.0f} tokens/user)")
+        arms = (0.0, base.live_recall_sample_rate, 1.0)
+        runs: dict[float, list[Run]] = {a: [] for a in arms}
+        scored: dict[float, float] = {a: 0.0 for a in arms}
+        skipped: dict[float, dict[str, float]] = {a: {} for a in arms}
+        for rnd in range(args.rounds):
+            for arm in (arms if rnd % 2 == 0 else arms[::-1]):  # off, on, on', then on', on, off...
+                w = Worker(s, args.model, refresh=True, log=logdir / f"lr-{arm}-{rnd}.log",
+                           env={"ONETOWER_LIVE_RECALL_SAMPLE_RATE": str(arm)})
+                try:
+                    ready(w, s, store, args, workload)
+                    # fresh engagements per arm: the state carries over, a repeated (user, item) would be "seen"
+                    run = measure(w, s, store, rate, args, workload, seed=100 * rnd + arms.index(arm))
+                    m = w.metrics()
+                    scored[arm] += total(m, "onetower_live_recall_scored_total")
+                    for (n, ls), v in m.items():
+                        if n == "onetower_live_recall_skipped_total":
+                            skipped[arm][dict(ls)["reason"]] = skipped[arm].get(dict(ls)["reason"], 0) + v
+                finally:
+                    w.stop()
+                runs[arm].append(run)
+                report(f"round {rnd + 1}, sample rate {arm:g}: freshness p50/p95/p99 (s)", f"{run.line()}  load {load()}")
+        med = {a: [statistics.median(r.q[i] for r in runs[a]) for i in range(3)] for a in arms}
+        report(f"steady rate (half the raw capacity), {args.rounds} rounds", f"{rate:.1f} engagements/s")
+        for arm in arms:
+            ratio = "" if arm == 0 else "  ratio to off p50/p95/p99 " + " / ".join(
+                f"{med[arm][i] / med[0.0][i]:.2f}" for i in range(3))
+            report(f"median freshness p50/p95/p99 (s), sample rate {arm:g}",
+                   " / ".join(f"{x:.2f}" for x in med[arm]) + f"  ({scored[arm]:.0f} scored, skipped "
+                   f"{ {k: int(v) for k, v in skipped[arm].items()} }){ratio}")
+    finally:
+        cleanup(s)
+
+
+def incremental_mode(args: argparse.Namespace, base: Settings, by_kind: dict, workload: Workload, logdir: Path,
+                     report) -> None:
+    """Issue 12: capacity and freshness of the full and the incremental user re-encoding paths, same workload."""
+    events = [ev for rows in by_kind.values() for ev in rows]
+    users = [ev.user_id for ev in by_kind["users"]]
+    s = fresh_settings(base)
+    try:
+        store = seed_state(s, events, None)
+        raw, tokens = raw_capacity(store, args.model, users, args.raw_users)
+        report("raw ONNX encoder capacity, MovieLens user texts (users/s)", f"{raw:.2f}  ({tokens:.0f} tokens/user)")
+        bound = base.incremental_cache_bytes or (psutil.virtual_memory().total // 8)
+        rates = args.rates or [raw * f for f in (0.5, 1, 2, 4, 8, 16)]
+        paths = {"full": "0", "incremental": "1"} if args.incremental == "both" else {
+            {"off": "full", "on": "incremental"}[args.incremental]: {"off": "0", "on": "1"}[args.incremental]}
+        capacity: dict[str, float] = {}
+        halves: dict[str, list[tuple[str, Run]]] = {}
+        for path, flag in paths.items():
+            w = Worker(s, args.model, refresh=True, log=logdir / f"inc-{path}.log",
+                       env={"ONETOWER_INCREMENTAL_USERS": flag, "ONETOWER_LIVE_RECALL_SAMPLE_RATE": "0"})
+            try:
+                ready(w, s, store, args, workload)
+                report(f"[{path}] worker up; load", load())
+                best = 0.0
+                for n, rate in enumerate(rates):
+                    run = measure(w, s, store, rate, args, workload, seed=n)
+                    report(f"[{path}] {rate:.2f} engagements/s: freshness p50/p95/p99 (s)", f"{run.line()}  load {load()}")
+                    if flag == "1":
+                        report(f"[{path}]   cache", inc_line(run.inc, bound))
+                    if not run.ok:
+                        break
+                    best = rate
+                capacity[path] = best
+                report(f"[{path}] capacity: highest rate tried with p99 <= 5 s (engagements/s)", f"{best:.2f}")
+                targets = [("half its own capacity", best / 2)]
+                if path != "full" and "full" in capacity:
+                    targets.insert(0, ("half the full path's capacity", capacity["full"] / 2))
+                for name, rate in targets:
+                    if rate <= 0:
+                        continue
+                    run = measure(w, s, store, rate, args, workload, seed=1000 + len(halves.get(path, [])))
+                    halves.setdefault(path, []).append((name, run))
+                    report(f"[{path}] {name}, {rate:.2f} engagements/s: freshness p50/p95/p99 (s)", f"{run.line()}  load {load()}")
+                    if flag == "1":
+                        report(f"[{path}]   cache", inc_line(run.inc, bound))
+                if flag == "1":
+                    report(f"[{path}] cache bytes, highest scraped / bound",
+                           f"{w.cache_bytes_max / 2**20:,.0f} MiB / {bound / 2**20:,.0f} MiB "
+                           f"({'within' if w.cache_bytes_max <= bound else 'OVER'} the bound)")
+            finally:
+                w.stop()
+        if "full" in capacity and "incremental" in capacity and capacity["full"] > 0:
+            report("capacity incremental / full", f"{capacity['incremental'] / capacity['full']:.1f}x  (target >= 5x)")
+    finally:
+        cleanup(s)
+
+
+def inc_line(inc: dict[str, float], bound: int) -> str:
+    hits = inc["onetower_incremental_hits_total"]
+    misses = inc["miss_absent"] + inc["miss_diverged"] + inc["miss_version"]
+    share = inc["onetower_incremental_tokens_computed_total"] / max(inc["onetower_incremental_tokens_full_total"], 1)
+    return (f"hits {hits:.0f}, misses {misses:.0f} (absent {inc['miss_absent']:.0f}, diverged {inc['miss_diverged']:.0f}, "
+            f"version {inc['miss_version']:.0f}); tokens computed {share:.0%} of a full encode's; "
+            f"{inc['cache_users']:.0f} users, {inc['cache_bytes'] / 2**20:,.0f} MiB (bound {bound / 2**20:,.0f} MiB)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True, help="MiniLM artifact (onetower model export --base minilm --out DIR)")
+    ap.add_argument("--model", type=Path, required=True,
+                    help="artifact (onetower model export --base minilm|smollm2 --out DIR); incremental needs a causal one")
+    ap.add_argument("--mode", choices=("all", "live-recall", "incremental"), default="all",
+                    help="all: the sections above; live-recall: issue 13; incremental: issue 12")
+    ap.add_argument("--workload", choices=("sessions", "random"), default="sessions", help="how steady engagements pick users")
     ap.add_argument("--steady-s", type=float, default=40.0, help="seconds per steady-rate run")
+    ap.add_argument("--drain-max-s", type=float, default=60.0,
+                    help="a run still draining this long after its last event counts as p99 > 5 s")
+    ap.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured seconds at 1 engagement/s after a worker starts")
+    ap.add_argument("--rounds", type=int, default=2, help="live-recall: rounds of the interleaved arms")
+    ap.add_argument("--rate", type=float, default=0.0, help="live-recall: engagements/s [default: half the raw capacity]")
+    ap.add_argument("--incremental", choices=("off", "on", "both"), default="both", help="incremental: the paths measured")
+    ap.add_argument("--rates", type=float, nargs="*", help="incremental: ascending engagements/s [default: raw x 0.5, 1, 2, 4...]")
+    ap.add_argument("--raw-users", type=int, default=128, help="user texts the raw capacity is measured on")
     args = ap.parse_args()
     base = Settings()
     logdir = Path(tempfile.mkdtemp(prefix="bench-streams-"))
@@ -150,7 +458,18 @@ def main() -> None:
     ml_users = [ev.user_id for ev in by_kind["users"]]
     ml_items = [ev.item_id for ev in by_kind["items"]]
     dirtying = len(by_kind["users"]) + len(by_kind["items"]) + len(by_kind["engagements"])
+    workload = Workload.from_movielens(args.workload, by_kind["engagements"], ml_users, ml_items)
+    report("started (UTC) / CPUs / load average 1/5/15 min", f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} / {os.cpu_count()} / {load()}")
+    report("model / mode / steady seconds a run", f"{args.model} / {args.mode} / {args.steady_s:g}")
+    report("workload", workload.describe())
     report("MovieLens events (items, users, impressions, engagements)", f"{len(events):,}")
+    if args.mode != "all":
+        try:
+            (live_recall_mode if args.mode == "live-recall" else incremental_mode)(args, base, by_kind, workload, logdir, report)
+        finally:
+            report("finished (UTC) / load average 1/5/15 min", f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} / {load()}")
+            print(f"\nworker logs: {logdir}")
+        return
 
     # 1. raw encoder capacity on MovieLens user texts (state applied directly, in this process)
     s0 = fresh_settings(base)
@@ -161,7 +480,7 @@ def main() -> None:
             store.apply_many(events[start:start + 2000])
         report("state apply in-process, no Kafka (events/s)", f"{len(events) / (time.perf_counter() - t):,.0f}")
         encoder = Encoder.load(args.model)
-        sample = random.Random(0).sample(ml_users, 128)
+        sample = random.Random(0).sample(ml_users, args.raw_users)
         texts = [x for x in user_texts(store, sample, tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length) if x]
         encoder.encode(texts[:16])
         t = time.perf_counter()
@@ -212,21 +531,14 @@ def main() -> None:
         busy = (total(m2, "onetower_encode_seconds_sum") - total(m1, "onetower_encode_seconds_sum")) / (t2 - t1)
         report("(d) share of the drain's wall time spent inside the encoder", f"{busy:.0%}")
 
-        # 3/4. steady rates over random MovieLens users, now-stamped
-        results: dict[float, list[float]] = {}
+        # 3/4. steady rates over MovieLens users (the workload), now-stamped
+        results: dict[float, Run] = {}
         for factor in (0.5, 1.0, 2.0):
             rate = raw * factor
-            before = w.metrics()
-            sent = steady(s2, rate, args.steady_s, ml_users, ml_items, seed=int(factor * 10))
-            wait("steady events applied", lambda: total(w.metrics(), "onetower_events_total", topic="engagements")
-                 - total(before, "onetower_events_total", topic="engagements") >= sent)
-            wait("drained", lambda: store.dirty_count("users") == 0, every=0.25)
-            results[factor] = freshness_quantiles(before, w.metrics(), "users", (0.5, 0.95, 0.99))
-            p50, p95, p99 = results[factor]
+            results[factor] = run = measure(w, s2, store, rate, args, workload, seed=int(factor * 10))
             name = "(b) " if factor == 0.5 else "(c) "
-            report(f"{name}steady {rate:.1f} engagements/s ({factor:g} x capacity): freshness p50/p95/p99 (s)",
-                   f"{p50:.2f} / {p95:.2f} / {p99:.2f}")
-        ok = [f for f, q in results.items() if q[2] <= 5.0]
+            report(f"{name}steady {rate:.1f} engagements/s ({factor:g} x capacity): freshness p50/p95/p99 (s)", run.line())
+        ok = [f for f, run in results.items() if run.ok]
         report("(c) highest tried rate with freshness p99 <= 5 s (engagements/s)",
                f"{raw * max(ok):.1f} ({max(ok):g} x capacity)" if ok else "none of those tried")
 
@@ -243,7 +555,8 @@ def main() -> None:
         w.stop()
     finally:
         cleanup(s2)
-    print(f"\nworker logs: {logdir}  ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs)")
+    report("finished (UTC) / load average 1/5/15 min", f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} / {load()}")
+    print(f"\nworker logs: {logdir}")
 
 
 if __name__ == "__main__":
