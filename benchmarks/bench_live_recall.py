@@ -1,6 +1,8 @@
 """Benchmark of live recall scoring (issue 13) on the local stack; prints figures, asserts nothing.
 
-    python benchmarks/bench_live_recall.py --model DIR [--engagements 5000]
+    python benchmarks/bench_live_recall.py --model DIR [--engagements 5000] [--repeats 0: the cost only]
+
+Freshness with scoring off and on is measured by ``bench_streams.py --mode live-recall``.
 
 1. cost per engagement, in this process: the snapshot taken on the event path before a batch is
    applied (one Redis pipeline per batch), and the scoring done off the event path (the user
@@ -99,7 +101,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--history", type=int, default=3000)
     ap.add_argument("--engagements", type=int, default=40000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the throughput runs (0: the cost per engagement only)")
     args = ap.parse_args()
 
     base = isolated(Settings(), "blr")
@@ -113,7 +115,11 @@ def main() -> None:
         started = time.monotonic()
         Reindexer(base, Encoder.load(args.model), store=store).run(args.model)
         print(f"indexed {len(events['items'])} items and {len(events['users'])} users in {time.monotonic() - started:.0f}s")
+        print(f"load average 1/5/15 min before scoring: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
         cost_per_engagement(base, probes[:1000])
+        print(f"load average 1/5/15 min after scoring: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        if args.repeats == 0:  # the cost alone
+            return
         logdir = Path(tempfile.mkdtemp(prefix="bench-live-recall-"))
         runs: dict[float, list[float]] = {}
         for _ in range(args.repeats):
