@@ -58,7 +58,7 @@ from datetime import datetime, timedelta, timezone  # noqa: E402
 
 from streams.events import EngagementEvent, ImpressionEvent, ItemEvent  # noqa: E402
 from training.dataset import DatasetOptions, build_examples  # noqa: E402
-from training.evaluate import EvalSet, popularity_scores  # noqa: E402
+from training.evaluate import EvalSet, popularity_scores, recent_popularity_scores  # noqa: E402
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
@@ -137,3 +137,18 @@ def test_the_user_text_is_servings_one_entry_per_item_capped_at_history_len(toke
     row = build_examples(events, options, tokenizer).splits["test"].to_pylist()[-1]
     assert row["item_id"] == "d" and row["query"] == "[USER][HISTORY][ITEM][TITLE] Movie a[ITEM][TITLE] Movie c"
     assert row["history"] == ["a", "b", "c"]  # what retrieval excludes: every engaged item, uncapped
+
+
+def test_recent_popularity_counts_only_the_week_before_the_scored_window(tokenizer):
+    day = 24 * 60
+    events = items("a", "b", "c") + [EngagementEvent(user_id=f"u{n}", item_id="a", ts=at(1 + n), kind_="like") for n in range(6)]
+    events += [EngagementEvent(user_id=f"w{n}", item_id="b", ts=at(9 * day + n), kind_="like") for n in range(2)]
+    events += [EngagementEvent(user_id="v0", item_id="c", ts=at(10 * day), kind_="like"),  # in the test window: unknown
+               EngagementEvent(user_id="u0", item_id="c", ts=at(12 * day), kind_="like")]
+    data = build_examples(events, DatasetOptions(hard_negatives=0, counts_mode="raw", val_fraction=0.1, test_fraction=0.1), tokenizer)
+    ev = EvalSet.from_dataset(data, "test")
+    assert data.meta["t_test_ms"] == int(at(10 * day).timestamp() * 1000)
+    # a's six engagements are ten days old at the window start; b's two are one day old
+    assert dict(zip(ev.catalogue_ids, recent_popularity_scores(data, ev)[0])) == {"a": 0.0, "b": 2.0, "c": 0.0}
+    assert dict(zip(ev.catalogue_ids, popularity_scores(data, ev)[0])) == {"a": 6.0, "b": 2.0, "c": 0.0}
+
