@@ -202,13 +202,10 @@ class LiveRecall:
         users = list(dict.fromkeys(p.user_id for p in probes))
         versions = list(dict.fromkeys(v for p in probes for v in p.versions))
         found = {v: self.index.get_vectors("users", v, users) for v in versions}
-        pipe = self.store.r.pipeline(transaction=False)
-        for v in versions:
-            pipe.hmget(self.store._q(f"vec:{v}:users"), users)
-        written = {v: dict(zip(users, got)) for v, got in zip(versions, pipe.execute())}
+        written = {v: self.store.written_versions(v, "users", users) for v in versions}
         for probe in probes:
             for v in probe.versions:
-                if int(written[v].get(probe.user_id) or -1) > probe.state_version:
+                if written[v][probe.user_id] > probe.state_version:
                     found[v].pop(probe.user_id, None)
         return found
 

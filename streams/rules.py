@@ -24,15 +24,23 @@ Training used to keep its own rules, which disagreed with serving's. Serving's a
 - profiles and item features: replaced by an event not older than the stored one (an older one that
   arrives late is ignored; an equal one wins). A deleted item keeps its counters and its place in
   histories, which leave it out of texts; a newer item event brings it back.
-- an event id is applied once (Redis forgets it after ``dedup_ttl_s``; the reference never does).
+- an event id is applied once per key (the entity the event is keyed by on Kafka, which orders the
+  copies of an event): a copy, or another event reusing the id on that key, changes nothing. Redis
+  forgets an id after ``dedup_ttl_s``; the reference never does.
+
+On Redis a rule is one or two scripts (``Part``), each touching the keys of one shard only (``Keys``),
+so that it runs on Redis Cluster: an engagement or an impression changes the user in the user's shard
+and the item's counters in the item's, each part claimed apart, so a retry after one part failed
+applies only the other.
 """
 
 from __future__ import annotations
 
 import heapq
 import json
+import zlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, ClassVar, Generic, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 from core.settings import Settings
 from streams.counters import (BUCKET_MS, MAX_WINDOW_H, PercentileTable, counters_as_of, fit_tables, hour_bucket,
@@ -83,23 +91,58 @@ class StateReader(Protocol):
 
 
 class Keys:
-    """Redis key names under one prefix (the layout is in ``streams.state``); every key is built here."""
+    """Redis key names under one prefix (the layout is in ``streams.state``); every key is built here.
 
-    def __init__(self, prefix: str) -> None:
+    Each user and item lives in one of ``shards`` shards (crc32 of its id); its keys, the queues of
+    its shard and the claims of the scripts that change it carry the shard's hash tag (``P{s<n>}``),
+    which Redis Cluster maps to one hash slot, so a script touching them runs there. Changing the
+    number of shards moves every entity: it is fixed for the life of a keyspace.
+    """
+
+    def __init__(self, prefix: str, shards: int) -> None:
         self.prefix = prefix
+        self.shards = shards
+
+    def shard(self, entity_id: str) -> int:
+        """The shard of a user or an item (users and items share the shards)."""
+        return zlib.crc32(entity_id.encode()) % self.shards
+
+    def in_shard(self, shard: int, name: str) -> str:
+        return f"{self.prefix}{{s{shard}}}{name}"
+
+    def near(self, entity_id: str, name: str) -> str:
+        """Key ``name`` (a queue, a claim) of the shard ``entity_id`` lives in."""
+        return self.in_shard(self.shard(entity_id), name)
 
     def user(self, uid: str, suffix: str) -> str:
-        return f"{self.prefix}u:{uid}:{suffix}"
+        return self.near(uid, f"u:{uid}:{suffix}")
 
     def item(self, iid: str, suffix: str) -> str:
-        return f"{self.prefix}i:{iid}:{suffix}"
+        return self.near(iid, f"i:{iid}:{suffix}")
 
     def shared(self, name: str) -> str:
+        """A key of no shard: read and written alone (by a single-key command or script)."""
         return f"{self.prefix}{name}"
 
-    def event(self, event: Event) -> str:
-        """The idempotency key of one event."""
-        return self.shared(f"ev:{event.kind}:{event.event_id}")
+    def claim(self, event: Event, part: Part, entity_id: str) -> str:
+        """The idempotency key of one part of an event, in the shard of the entity the part changes; ids
+        are per key ('/' is in no id)."""
+        return self.near(entity_id, f"{part.claim}:{event.kind}:{event.key}/{event.event_id}")
+
+    def every_shard(self, name_glob: str) -> str:
+        """A SCAN pattern for the keys ``name_glob`` of every shard. Exact: neither prefixes nor ids
+        (``streams.events.ID_PATTERN``) hold braces, so the first '}' ends the tag."""
+        return f"{glob_escape(self.prefix)}{{s*}}{name_glob}"
+
+    @staticmethod
+    def entity(key: str) -> str:
+        """The id in an entity's key, ``P{s<n>}u:<id>:<suffix>`` (or ``i:``, with a one-letter suffix)."""
+        return key.partition("}")[2][2:-2]
+
+
+def glob_escape(s: str) -> str:
+    """``s`` matched literally in a SCAN pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in s)
 
 
 # ---------------------------------------------------------------- the Python form of the state
@@ -179,19 +222,32 @@ def _replace(meta: dict[str, int], stored: dict[str, Any], ts_field: str, ts: in
 E = TypeVar("E", bound=Event)
 
 
-class Rule(Generic[E]):
-    """How one kind of event changes the state, in Lua and in Python.
+@dataclass(frozen=True)
+class Part:
+    """One script of a rule, changing one entity and the queues of its shard. ``StateStore`` runs ``lua``
+    after claiming the part's idempotency key (KEYS[1], named ``claim``: ev or ct) for the event's digest
+    (ARGV[2]) for ARGV[1] seconds."""
 
-    ``lua_helpers`` and ``lua_body`` form the script; ``StateStore`` runs the body after claiming the
-    event's id, with the claim's key as KEYS[1] and its TTL as ARGV[1] and ``redis_call``'s lists after them.
-    """
+    claim: str
+    lua: str
+
+
+class Call(NamedTuple):
+    """One part's run on one event: the entity whose shard it runs in, its KEYS[2:] and ARGV[3:]."""
+
+    entity: str
+    keys: list[str]
+    args: list[Any]
+
+
+class Rule(Generic[E]):
+    """How one kind of event changes the state, in Lua (``parts``) and in Python (``apply``)."""
 
     event_type: ClassVar[type[Event]]
-    lua_helpers: ClassVar[str] = ""
-    lua_body: ClassVar[str]
+    parts: ClassVar[tuple[Part, ...]]
 
-    def redis_call(self, event: E, keys: Keys, settings: Settings, now_ms: int) -> tuple[list[str], list[Any]]:
-        """KEYS[2:] and ARGV[2:] of the script for ``event``; ``now_ms`` (wall clock) scores the dirty queues."""
+    def redis_calls(self, event: E, keys: Keys, settings: Settings, now_ms: int) -> list[Call]:
+        """One call per part, in the order of ``parts``; ``now_ms`` (wall clock) scores the dirty queues."""
         raise NotImplementedError
 
     def apply(self, event: E, state: ReferenceState) -> None:
@@ -199,54 +255,59 @@ class Rule(Generic[E]):
         raise NotImplementedError
 
 
-# Shared Lua: capped sorted-set insert, and one counted event for an item (hour bucket, prune buckets
-# outside the longest window, newest counter time, change number), queued for a bucket check.
-_COUNT_LUA = """
+# A capped sorted-set insert: a member keeps its latest time; the lowest beyond ``cap`` leave.
+_CAPPED_ADD_LUA = """
 local function capped_add(zset, member, ts, cap)
   redis.call('ZADD', zset, 'GT', ts, member)
   local extra = redis.call('ZCARD', zset) - cap
   if extra > 0 then redis.call('ZREMRANGEBYRANK', zset, 0, extra - 1) end
 end
-local function count(meta, cnt, counted, item, ts, bucket_ms, max_window_h)
-  local b = math.floor(ts / bucket_ms)
-  local cts = tonumber(redis.call('HGET', meta, 'cts') or '-1')
-  if ts > cts then cts = ts; redis.call('HSET', meta, 'cts', ts) end
-  if redis.call('HINCRBY', cnt, b, 1) == 1 then
-    local horizon = math.floor(cts / bucket_ms) - max_window_h
-    for _, f in ipairs(redis.call('HKEYS', cnt)) do
-      if tonumber(f) <= horizon then redis.call('HDEL', cnt, f) end
-    end
-  end
-  local mts = tonumber(redis.call('HGET', meta, 'ts') or '-1')
-  if ts > mts then redis.call('HSET', meta, 'ts', ts) end
-  redis.call('HINCRBY', meta, 'v', 1)
-  redis.call('ZADD', counted, redis.call('HINCRBY', meta, 'n', 1), item)
-end
 """
+
+# One counted event for an item, in the item's shard: hour bucket, prune buckets outside the longest
+# window (as of the newest counter time), newest counter and event times, version, change number;
+# queued for a bucket check.
+# KEYS: ct, i_meta, i_cnt, counted    ARGV: ttl, digest, item_id, ts, bucket_ms, max_window_h
+_COUNT = Part("ct", """
+local ts, bucket_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
+local cts = tonumber(redis.call('HGET', KEYS[2], 'cts') or '-1')
+if ts > cts then cts = ts; redis.call('HSET', KEYS[2], 'cts', ts) end
+if redis.call('HINCRBY', KEYS[3], math.floor(ts / bucket_ms), 1) == 1 then
+  local horizon = math.floor(cts / bucket_ms) - tonumber(ARGV[6])
+  for _, f in ipairs(redis.call('HKEYS', KEYS[3])) do
+    if tonumber(f) <= horizon then redis.call('HDEL', KEYS[3], f) end
+  end
+end
+if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
+redis.call('HINCRBY', KEYS[2], 'v', 1)
+redis.call('ZADD', KEYS[4], redis.call('HINCRBY', KEYS[2], 'n', 1), ARGV[3])
+""")
+
+
+def _count_call(keys: Keys, item_id: str, signal: str, ts_ms: int) -> Call:
+    return Call(item_id, [keys.item(item_id, "m"), keys.item(item_id, f"c:{signal}"), keys.near(item_id, "counted")],
+                [item_id, ts_ms, BUCKET_MS, MAX_WINDOW_H])
 
 
 class EngagementRule(Rule[EngagementEvent]):
-    """History (one entry per item, latest time, capped), engaged set, user version and dirt, item counters."""
+    """History (one entry per item, latest time, capped), engaged set, user version and dirt; item counters."""
 
     event_type = EngagementEvent
-    lua_helpers = _COUNT_LUA
-    # KEYS: ev, u_meta, u_hist, u_seen, dirty_users, i_meta, i_cnt, counted
-    # ARGV: ttl, user_id, item_id, ts, history_len, now_ms, bucket_ms, max_window_h
-    lua_body = """
-local ts = tonumber(ARGV[4])
-capped_add(KEYS[3], ARGV[3], ts, tonumber(ARGV[5]))
-redis.call('SADD', KEYS[4], ARGV[3])
+    # KEYS: ev, u_meta, u_hist, u_seen, dirty_users    ARGV: ttl, digest, user_id, item_id, ts, history_len, now_ms
+    parts = (Part("ev", _CAPPED_ADD_LUA + """
+local ts = tonumber(ARGV[5])
+capped_add(KEYS[3], ARGV[4], ts, tonumber(ARGV[6]))
+redis.call('SADD', KEYS[4], ARGV[4])
 if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
 redis.call('HINCRBY', KEYS[2], 'v', 1)
-redis.call('ZADD', KEYS[5], 'NX', ARGV[6], ARGV[2])
-count(KEYS[6], KEYS[7], KEYS[8], ARGV[3], ts, tonumber(ARGV[7]), tonumber(ARGV[8]))
-"""
+redis.call('ZADD', KEYS[5], 'NX', ARGV[7], ARGV[3])
+"""), _COUNT)
 
-    def redis_call(self, event: EngagementEvent, keys: Keys, settings: Settings, now_ms: int) -> tuple[list[str], list[Any]]:
+    def redis_calls(self, event: EngagementEvent, keys: Keys, settings: Settings, now_ms: int) -> list[Call]:
         u, i = event.user_id, event.item_id
-        return ([keys.user(u, "m"), keys.user(u, "h"), keys.user(u, "e"), keys.shared("dirty:users"),
-                 keys.item(i, "m"), keys.item(i, "c:engagements"), keys.shared("counted")],
-                [u, i, event.ts_ms, settings.history_len, now_ms, BUCKET_MS, MAX_WINDOW_H])
+        return [Call(u, [keys.user(u, "m"), keys.user(u, "h"), keys.user(u, "e"), keys.near(u, "dirty:users")],
+                     [u, i, event.ts_ms, settings.history_len, now_ms]),
+                _count_call(keys, i, "engagements", event.ts_ms)]
 
     def apply(self, event: EngagementEvent, state: ReferenceState) -> None:
         user = state.user_record(event.user_id)
@@ -258,23 +319,20 @@ count(KEYS[6], KEYS[7], KEYS[8], ARGV[3], ts, tonumber(ARGV[7]), tonumber(ARGV[8
 
 
 class ImpressionRule(Rule[ImpressionEvent]):
-    """Recent impressions (one per item, latest time, capped), latest impression time, item counters."""
+    """Recent impressions (one per item, latest time, capped), latest impression time; item counters."""
 
     event_type = ImpressionEvent
-    lua_helpers = _COUNT_LUA
-    # KEYS: ev, u_meta, u_imp, i_meta, i_cnt, counted
-    # ARGV: ttl, item_id, ts, impressions_len, bucket_ms, max_window_h
-    lua_body = """
-local ts = tonumber(ARGV[3])
-capped_add(KEYS[3], ARGV[2], ts, tonumber(ARGV[4]))
+    # KEYS: ev, u_meta, u_imp    ARGV: ttl, digest, item_id, ts, impressions_len
+    parts = (Part("ev", _CAPPED_ADD_LUA + """
+local ts = tonumber(ARGV[4])
+capped_add(KEYS[3], ARGV[3], ts, tonumber(ARGV[5]))
 if ts > tonumber(redis.call('HGET', KEYS[2], 'its') or '-1') then redis.call('HSET', KEYS[2], 'its', ts) end
-count(KEYS[4], KEYS[5], KEYS[6], ARGV[2], ts, tonumber(ARGV[5]), tonumber(ARGV[6]))
-"""
+"""), _COUNT)
 
-    def redis_call(self, event: ImpressionEvent, keys: Keys, settings: Settings, now_ms: int) -> tuple[list[str], list[Any]]:
+    def redis_calls(self, event: ImpressionEvent, keys: Keys, settings: Settings, now_ms: int) -> list[Call]:
         u, i = event.user_id, event.item_id
-        return ([keys.user(u, "m"), keys.user(u, "i"), keys.item(i, "m"), keys.item(i, "c:impressions"), keys.shared("counted")],
-                [i, event.ts_ms, settings.recent_impressions_len, BUCKET_MS, MAX_WINDOW_H])
+        return [Call(u, [keys.user(u, "m"), keys.user(u, "i")], [i, event.ts_ms, settings.recent_impressions_len]),
+                _count_call(keys, i, "impressions", event.ts_ms)]
 
     def apply(self, event: ImpressionEvent, state: ReferenceState) -> None:
         user = state.user_record(event.user_id)
@@ -285,19 +343,19 @@ count(KEYS[4], KEYS[5], KEYS[6], ARGV[2], ts, tonumber(ARGV[5]), tonumber(ARGV[6
 
 # Profile or item features: replaced when the event is not older than the stored ones (compacted
 # topics carry full state per key; an out-of-order older event must not win).
-# KEYS: ev, meta, features, dirty      ARGV: ttl, entity_id, ts, now_ms, deleted ('' for users), k1, v1, ...
-_ENTITY_LUA = """
-local ts = tonumber(ARGV[3])
-local tsf = ARGV[5] == '' and 'pts' or 'fts'
+# KEYS: ev, meta, features, dirty      ARGV: ttl, digest, entity_id, ts, now_ms, deleted ('' for users), k1, v1, ...
+_ENTITY = Part("ev", """
+local ts = tonumber(ARGV[4])
+local tsf = ARGV[6] == '' and 'pts' or 'fts'
 if ts < tonumber(redis.call('HGET', KEYS[2], tsf) or '-1') then return end
 redis.call('DEL', KEYS[3])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[2], tsf, ts)
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'deleted', ARGV[5]) end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[2], 'deleted', ARGV[6]) end
 if ts > tonumber(redis.call('HGET', KEYS[2], 'ts') or '-1') then redis.call('HSET', KEYS[2], 'ts', ts) end
 redis.call('HINCRBY', KEYS[2], 'v', 1)
-redis.call('ZADD', KEYS[4], 'NX', ARGV[4], ARGV[2])
-"""
+redis.call('ZADD', KEYS[4], 'NX', ARGV[5], ARGV[3])
+""")
 
 
 def _encode_features(features: dict[str, Any]) -> list[str]:
@@ -308,12 +366,12 @@ class UserRule(Rule[UserEvent]):
     """The profile, replaced by a not-older event; user version and dirt."""
 
     event_type = UserEvent
-    lua_body = _ENTITY_LUA
+    parts = (_ENTITY,)
 
-    def redis_call(self, event: UserEvent, keys: Keys, settings: Settings, now_ms: int) -> tuple[list[str], list[Any]]:
+    def redis_calls(self, event: UserEvent, keys: Keys, settings: Settings, now_ms: int) -> list[Call]:
         u = event.user_id
-        return ([keys.user(u, "m"), keys.user(u, "p"), keys.shared("dirty:users")],
-                [u, event.ts_ms, now_ms, "", *_encode_features(event.features)])
+        return [Call(u, [keys.user(u, "m"), keys.user(u, "p"), keys.near(u, "dirty:users")],
+                     [u, event.ts_ms, now_ms, "", *_encode_features(event.features)])]
 
     def apply(self, event: UserEvent, state: ReferenceState) -> None:
         user = state.user_record(event.user_id)
@@ -324,12 +382,12 @@ class ItemRule(Rule[ItemEvent]):
     """Item features (none once deleted) and the deleted flag, replaced by a not-older event; version and dirt."""
 
     event_type = ItemEvent
-    lua_body = _ENTITY_LUA
+    parts = (_ENTITY,)
 
-    def redis_call(self, event: ItemEvent, keys: Keys, settings: Settings, now_ms: int) -> tuple[list[str], list[Any]]:
+    def redis_calls(self, event: ItemEvent, keys: Keys, settings: Settings, now_ms: int) -> list[Call]:
         i = event.item_id
-        return ([keys.item(i, "m"), keys.item(i, "f"), keys.shared("dirty:items")],
-                [i, event.ts_ms, now_ms, int(event.deleted), *_encode_features({} if event.deleted else event.features)])
+        return [Call(i, [keys.item(i, "m"), keys.item(i, "f"), keys.near(i, "dirty:items")],
+                     [i, event.ts_ms, now_ms, int(event.deleted), *_encode_features({} if event.deleted else event.features)])]
 
     def apply(self, event: ItemEvent, state: ReferenceState) -> None:
         item = state.item_record(event.item_id)
@@ -363,7 +421,7 @@ class ReferenceState:
         self.recent_impressions_len = recent_impressions_len
         self._users: dict[str, _User] = {}
         self._items: dict[str, _Item] = {}
-        self._applied: set[tuple[str, str]] = set()
+        self._applied: set[tuple[str, str, str]] = set()
         self._tables: dict[str, PercentileTable] = {}
         self._user_reads: dict[str, UserState] = {}
         self._item_reads: dict[str, ItemState] = {}
@@ -376,7 +434,7 @@ class ReferenceState:
     def apply(self, event: Event) -> bool:
         """Apply one event; False when its id was already applied (as ``StateStore.apply``)."""
         rule = rule_for(event)
-        claim = (event.kind, event.event_id)
+        claim = (event.kind, event.key, event.event_id)
         if claim in self._applied:
             return False
         self._applied.add(claim)

@@ -12,56 +12,72 @@ change runs under ``pcall``: a failure on the event's own data (a key of the wro
 field) releases the claim and replies ``REJECTED <reason>`` (``rejected``), so the event can go to
 the DLQ and a replay after a fix applies it; writes made before the failure stay.
 
-Layout (``P`` = ``settings.redis_key_prefix``; every key ends in a type suffix, so ids may hold ':'):
+Layout (``P`` = ``settings.redis_key_prefix``; ``{s<n>}`` = the hash tag of shard n, ``Keys.shard``: crc32
+of the id modulo ``settings.redis_shards``; every key ends in a type suffix, so ids may hold ':'):
 
-=====================  ======  =====================================================================
-``P ev:<kind>:<id>``   string  idempotency key of one event, expires after ``dedup_ttl_s``
-``P u:<uid>:m``        hash    ``ts`` (event time of the latest profile/engagement reflected),
-                               ``pts`` (profile event time), ``its`` (latest impression time),
-                               ``v`` (state version: +1 by each event that changes what is encoded)
-``P u:<uid>:p``        hash    profile feature -> JSON value (replaced by each newer user event)
-``P u:<uid>:h``        zset    history: item -> event time of the latest engagement, capped
-``P u:<uid>:e``        set     every item the user engaged with (uncapped; for exclude-seen)
-``P u:<uid>:i``        zset    recent impressions: item -> event time, capped
-``P i:<iid>:m``        hash    ``ts`` (latest event time reflected), ``fts`` (features event time),
-                               ``cts`` (newest counter event time), ``deleted``, ``n`` (counter
-                               changes), ``b`` (JSON percentile buckets at the last check), ``v``
-                               (state version: +1 by each feature or counter change)
-``P i:<iid>:f``        hash    feature -> JSON value (replaced by each newer item event)
-``P i:<iid>:c:<sig>``  hash    hour bucket -> count, per signal (impressions, engagements)
-``P dirty:<kind>``     zset    entities waiting for re-encoding -> wall-clock ms of first dirt
-``P dirty:items:counts``  zset  items whose percentile bucket moved, the same (popped only after
-                               ``dirty:items``: a new item never waits behind a wave of bucket moves)
-``P inflight:<kind>``  zset    entities popped for re-encoding -> lease deadline (wall-clock ms)
-``P lease:<kind>``     hash    entities popped for re-encoding -> the token of their current lease
-``P quarantine:<kind>``  hash  entities whose re-encoding failed on their own data -> the reason
-                               (out of the queues until retried or changed again)
-``P vec:<model>:<kind>``  hash  entity -> state version of the newest vector written for it (an
-                               older render arriving later is not written)
-``P counted``          zset    items whose counters changed since their buckets were checked -> ``n``
-``P pct``              hash    counter name -> PercentileTable JSON
-``P pct:due``          string  set (with a TTL of the refit interval) by the worker that refits
-=====================  ======  =====================================================================
+==============================  ======  ===========================================================
+``P{s<n>}ev:<kind>:<id>``       string  idempotency key of an event's part on its own entity (n: the
+                                        entity's shard), expires after ``dedup_ttl_s``
+``P{s<n>}ct:<kind>:<id>``       string  the same for the part that counts it for an item (n: the item's)
+``P{s<n>}u:<uid>:m``            hash    ``ts`` (event time of the latest profile/engagement reflected),
+                                        ``pts`` (profile event time), ``its`` (latest impression time),
+                                        ``v`` (state version: +1 by each event that changes what is encoded)
+``P{s<n>}u:<uid>:p``            hash    profile feature -> JSON value (replaced by each newer user event)
+``P{s<n>}u:<uid>:h``            zset    history: item -> event time of the latest engagement, capped
+``P{s<n>}u:<uid>:e``            set     every item the user engaged with (uncapped; for exclude-seen)
+``P{s<n>}u:<uid>:i``            zset    recent impressions: item -> event time, capped
+``P{s<n>}i:<iid>:m``            hash    ``ts`` (latest event time reflected), ``fts`` (features event time),
+                                        ``cts`` (newest counter event time), ``deleted``, ``n`` (counter
+                                        changes), ``b`` (JSON percentile buckets at the last check), ``v``
+                                        (state version: +1 by each feature or counter change)
+``P{s<n>}i:<iid>:f``            hash    feature -> JSON value (replaced by each newer item event)
+``P{s<n>}i:<iid>:c:<sig>``      hash    hour bucket -> count, per signal (impressions, engagements)
+``P{s<n>}dirty:<kind>``         zset    the shard's entities waiting for re-encoding -> wall-clock ms of
+                                        first dirt
+``P{s<n>}dirty:items:counts``   zset    items whose percentile bucket moved, the same (popped only after
+                                        ``dirty:items``: a new item never waits behind a wave of moves)
+``P{s<n>}inflight:<kind>``      zset    entities popped for re-encoding -> lease deadline (wall-clock ms)
+``P{s<n>}lease:<kind>``         hash    entities popped for re-encoding -> the token of their current lease
+``P{s<n>}quarantine:<kind>``    hash    entities whose re-encoding failed on their own data -> the reason
+                                        (out of the queues until retried or changed again)
+``P{s<n>}vec:<model>:<kind>``   hash    entity -> state version of the newest vector written for it (an
+                                        older render arriving later is not written)
+``P{s<n>}counted``              zset    items whose counters changed since their buckets were checked -> ``n``
+``P pct``                       hash    counter name -> PercentileTable JSON
+``P pct:due``                   string  set (with a TTL of the refit interval) by the worker that refits
+==============================  ======  ===========================================================
 
-One Redis primary is assumed: the scripts touch a user's, an item's and the queue keys together.
+Every script touches one shard, and a shard is one hash slot, so the same layout runs on one Redis
+server and on Redis Cluster (``settings.redis_cluster``): the queues are per shard, and the calls
+that span shards (pops, acks, reads of many entities) run one script or transaction per shard in one
+pipeline. Keys of no shard (``P pct``, live recall's ``P lr:...``) are only ever touched one at a time.
+``redis_shards`` is part of the layout: changing it for a live keyspace strands every entity in its
+old shard (start a new prefix and replay the topics instead). Shards are the unit a cluster can move
+between nodes, so use several per node (the default 16 suits up to four or five primaries).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import redis
+from redis.cluster import RedisCluster
+from redis.commands.core import Script
 
 from core.settings import Settings
 from streams.counters import COUNTER_NAMES, SIGNALS, PercentileTable, counters_as_of, fit_tables
 from streams.events import Event
-from streams.rules import RULES, HistoryEntry, ItemState, Keys, Rule, UserState, rule_for
+from streams.rules import RULES, Call, HistoryEntry, ItemState, Keys, Part, UserState, glob_escape, rule_for
 
 Kind = Literal["users", "items"]
+Client = redis.Redis | RedisCluster
 REJECTED = "REJECTED"  # prefix of the error an event script replies when the event's own data failed it
 
 
@@ -70,13 +86,15 @@ def rejected(exc: BaseException) -> bool:
     return type(exc) is redis.ResponseError and str(exc).startswith(REJECTED + " ")
 
 
-def _event_script(rule: Rule) -> str:
-    """A rule's script: claim the event id (KEYS[1], TTL ARGV[1]; 0 when already applied), apply the
-    rule's body under pcall, and on failure release the claim and reply REJECTED with the reason."""
-    return rule.lua_helpers + f"""
-if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+def _event_script(part: Part) -> str:
+    """A rule part's script: claim the part (KEYS[1]) for the event's digest (ARGV[2]) for ARGV[1] seconds
+    (when claimed already, reply 0 if by the same digest, -1 if by another event with this id), run its Lua
+    under pcall, and on failure release the claim and reply REJECTED with the reason."""
+    return f"""
+local held = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'GET', 'EX', ARGV[1])
+if held then return held == ARGV[2] and 0 or -1 end
 local ok, err = pcall(function()
-{rule.lua_body}
+{part.lua}
 end)
 if ok then return 1 end
 redis.call('DEL', KEYS[1])
@@ -92,12 +110,12 @@ class Lease:
     token: str
 
 
-# Move up to ARGV[2] entities to inflight with a lease under token ARGV[5]: first those whose lease
-# expired (a worker died or stalled mid-batch), then settled dirty ones, queue by queue, that are not
-# under a live lease (another worker encodes them). A popped entity leaves every queue: one encode
-# covers all its changes.
+# In one shard: move up to ARGV[2] entities to inflight with a lease under token ARGV[5]: first those whose
+# lease expired (a worker died or stalled mid-batch), then settled dirty ones from the first ARGV[6]
+# queues, queue by queue, that are not under a live lease (another worker encodes them). A popped entity
+# leaves every queue: one encode covers all its changes.
 # KEYS: inflight, lease tokens, dirty queue 1, dirty queue 2, ...
-# ARGV: settled_before_ms, limit, now_ms, lease_ms, token
+# ARGV: settled_before_ms, limit, now_ms, lease_ms, token, queues served
 _POP = """
 local limit, now = tonumber(ARGV[2]), tonumber(ARGV[3])
 local deadline = now + tonumber(ARGV[4])
@@ -107,7 +125,7 @@ local function take(id)
   if not seen[id] then out[#out + 1] = id; seen[id] = true end
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)) do take(id) end
-for q = 3, #KEYS do
+for q = 3, 2 + tonumber(ARGV[6]) do
   if #out >= limit then break end
   local window = limit - #out + redis.call('ZCARD', KEYS[1])
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[q], '-inf', ARGV[1], 'LIMIT', 0, window)) do
@@ -172,29 +190,41 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _digest(event: Event) -> str:
+    """What an event's claims hold: the same for a replay of the event, another for another event."""
+    return hashlib.blake2b(event.model_dump_json().encode(), digest_size=8).hexdigest()
+
+
 def _decode_features(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
     return {k.decode(): json.loads(v) for k, v in raw.items()}
 
 
-class StateStore:
-    """Reads and writes the streaming state; one event = one script call, batches = one pipeline."""
+ScriptCall = tuple[Script, Sequence[str], Sequence[Any]]  # a script, its KEYS and its ARGV
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+
+class StateStore:
+    """Reads and writes the streaming state; one event = one script call per shard it changes, batches
+    = one pipeline."""
+
+    def __init__(self, client: Client, settings: Settings) -> None:
         self.r = client
         self.settings = settings
         self.p = settings.redis_key_prefix
-        self.keys = Keys(self.p)
-        self._scripts = {event_type: client.register_script(_event_script(rule)) for event_type, rule in RULES.items()}
+        self.keys = Keys(self.p, settings.redis_shards)
+        self._scripts = {part: client.register_script(_event_script(part)) for rule in RULES.values() for part in rule.parts}
         self._pop = client.register_script(_POP)
         self._release = client.register_script(_RELEASE)
         self._uncount = client.register_script(_UNCOUNT)
         self._claim = client.register_script(_CLAIM)
+        self._loaded = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "StateStore":
+        """A store on ``redis_url``: a Redis Cluster client when ``redis_cluster`` (the URL names any node)."""
         # A password in the URL wins over redis_password (redis-py lets the URL override keywords).
         password = settings.redis_password.get_secret_value() or None
-        return cls(redis.Redis.from_url(settings.redis_url, password=password, health_check_interval=30), settings)
+        client_class = RedisCluster if settings.redis_cluster else redis.Redis
+        return cls(client_class.from_url(settings.redis_url, password=password, health_check_interval=30), settings)
 
     # -- keys ---------------------------------------------------------------------------------
     def _u(self, uid: str, suffix: str) -> str:
@@ -205,6 +235,45 @@ class StateStore:
 
     def _q(self, name: str) -> str:
         return self.keys.shared(name)
+
+    def _by_shard(self, ids: Sequence[str]) -> dict[int, list[str]]:
+        """``ids`` (each once, in order) grouped by shard."""
+        groups: dict[int, list[str]] = {}
+        for id_ in dict.fromkeys(ids):
+            groups.setdefault(self.keys.shard(id_), []).append(id_)
+        return groups
+
+    # -- scripts --------------------------------------------------------------------------------
+    def _run(self, calls: Sequence[ScriptCall], raise_on_error: bool = True) -> list[Any]:
+        """Run script calls in order in one pipeline (Redis Cluster splits it by node); the replies in order.
+
+        EVALSHA, since a cluster pipeline cannot load scripts: every script is loaded on every primary
+        before the first call, and again when a node without them (restarted, new, promoted) replies
+        NOSCRIPT to its calls, which then run again, in order.
+        """
+        if not self._loaded:
+            self._load_scripts()
+        replies = self._evalsha(calls)
+        missing = [n for n, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
+        if missing:
+            self._load_scripts()
+            for n, reply in zip(missing, self._evalsha([calls[n] for n in missing])):
+                replies[n] = reply
+        for reply in replies:
+            if raise_on_error and isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _evalsha(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        pipe = self.r.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return pipe.execute(raise_on_error=False)
+
+    def _load_scripts(self) -> None:
+        for script in (*self._scripts.values(), self._pop, self._release, self._uncount, self._claim):
+            self.r.script_load(script.script)  # Redis Cluster: on every primary
+        self._loaded = True
 
     # -- writes -------------------------------------------------------------------------------
     def apply(self, event: Event) -> bool:
@@ -221,55 +290,87 @@ class StateStore:
 
     def try_apply_many(self, events: Sequence[Event], now_ms: int | None = None) -> list[bool | redis.ResponseError]:
         """``apply_many``, but an event that failed on its own data (``rejected``) gets its error in
-        its place while the others are applied; any other error reply is raised."""
+        its place while the others are applied; any other error reply is raised.
+
+        An event is applied by its rule's parts, one per shard it changes, each claimed once: True when
+        any part was applied now, False when all were before (a replay). The first part runs in the
+        shard of the entity the event is keyed by and claims the event id for the event's digest; the
+        others run after it (a second round trip), only for events whose id that digest holds: a retry
+        of the same event applies the parts still missing, another event reusing the id applies none.
+        """
         now = _now_ms() if now_ms is None else now_ms
-        s = self.settings
-        pipe = self.r.pipeline(transaction=False)
-        for ev in events:
-            keys, args = rule_for(ev).redis_call(ev, self.keys, s, now)
-            self._scripts[type(ev)](keys=[self.keys.event(ev), *keys], args=[s.dedup_ttl_s, *args], client=pipe)
-        results = pipe.execute(raise_on_error=False)
-        for res in results:
-            if isinstance(res, Exception) and not rejected(res):
-                raise res
-        return [res if isinstance(res, redis.ResponseError) else bool(res) for res in results]
+        planned = [(ev, rule_for(ev).redis_calls(ev, self.keys, self.settings, now), _digest(ev)) for ev in events]
+        results: list[bool | redis.ResponseError] = [False] * len(events)
+        first = self._apply_parts([(n, 0) for n in range(len(events))], planned, results)
+        self._apply_parts([(n, k) for n, reply in enumerate(first) if reply in (0, 1) for k in range(1, len(planned[n][1]))],
+                          planned, results)
+        return results
+
+    def _apply_parts(self, which: Sequence[tuple[int, int]], planned: Sequence[tuple[Event, list[Call], str]],
+                     results: list[bool | redis.ResponseError]) -> list[Any]:
+        """Run part k of event n for each (n, k) of ``which`` in one pipeline and record the outcome in
+        ``results[n]``; the replies."""
+        calls: list[ScriptCall] = []
+        for n, k in which:
+            event, event_calls, digest = planned[n]
+            part, call = rule_for(event).parts[k], event_calls[k]
+            calls.append((self._scripts[part], [self.keys.claim(event, part, call.entity), *call.keys],
+                          [self.settings.dedup_ttl_s, digest, *call.args]))
+        replies = self._run(calls, raise_on_error=False)
+        for (n, _), reply in zip(which, replies):
+            if isinstance(reply, Exception) and not rejected(reply):
+                raise reply
+            if isinstance(reply, redis.ResponseError):
+                results[n] = reply  # the event goes to the DLQ, whatever its other parts did
+            elif reply == 1 and results[n] is False:
+                results[n] = True
+        return replies
 
     # -- reads --------------------------------------------------------------------------------
+    def _snapshots(self, ids: Sequence[str], read: Callable[[Any, str], None]) -> dict[str, list[Any]]:
+        """Each id's replies to the commands ``read(pipe, id)`` queues; one MULTI per shard, so the keys of
+        one entity are read in one snapshot (a cluster runs a transaction in one slot only)."""
+        out: dict[str, list[Any]] = {}
+        for group in self._by_shard(ids).values():
+            pipe = self.r.pipeline(transaction=True)
+            for id_ in group:
+                read(pipe, id_)
+            replies = pipe.execute()
+            width = len(replies) // len(group)
+            out.update((id_, replies[n * width:(n + 1) * width]) for n, id_ in enumerate(group))
+        return out
+
     def users(self, ids: Sequence[str]) -> list[UserState | None]:
-        """User states in the order of ``ids``; None for a user with no state. One snapshot
-        (MULTI): the version read is the version of the history and profile read."""
-        pipe = self.r.pipeline(transaction=True)
-        for uid in ids:
+        """User states in the order of ``ids``; None for a user with no state. Each user's is one
+        snapshot: the version read is the version of the history and profile read."""
+        def read(pipe: Any, uid: str) -> None:
             pipe.hgetall(self._u(uid, "m"))
             pipe.hgetall(self._u(uid, "p"))
             pipe.zrange(self._u(uid, "h"), 0, -1, withscores=True)
-        res = pipe.execute()
+
+        got = self._snapshots(ids, read)
         out: list[UserState | None] = []
-        for n, uid in enumerate(ids):
-            meta, profile, hist = res[3 * n: 3 * n + 3]
-            if not meta:
-                out.append(None)
-                continue
+        for uid in ids:
+            meta, profile, hist = got[uid]
             out.append(UserState(
                 user_id=uid, profile=_decode_features(profile),
                 history=[HistoryEntry(item.decode(), int(ts)) for item, ts in hist],
-                updated_ms=int(meta.get(b"ts", -1)), version=int(meta.get(b"v", 0))))
+                updated_ms=int(meta.get(b"ts", -1)), version=int(meta.get(b"v", 0))) if meta else None)
         return out
 
     def items(self, ids: Sequence[str]) -> list[ItemState | None]:
         """Item states in the order of ``ids``; None for an item with no state (neither features nor
-        counts). One snapshot (MULTI), as for ``users``."""
-        pipe = self.r.pipeline(transaction=True)
-        for iid in ids:
+        counts). Each item's is one snapshot, as for ``users``."""
+        def read(pipe: Any, iid: str) -> None:
             pipe.hgetall(self._i(iid, "m"))
             pipe.hgetall(self._i(iid, "f"))
             for signal in SIGNALS:
                 pipe.hgetall(self._i(iid, f"c:{signal}"))
-        res = pipe.execute()
-        width = 2 + len(SIGNALS)
+
+        got = self._snapshots(ids, read)
         out: list[ItemState | None] = []
-        for n, iid in enumerate(ids):
-            meta, features, *buckets = res[width * n: width * (n + 1)]
+        for iid in ids:
+            meta, features, *buckets = got[iid]
             if not meta:
                 out.append(None)
                 continue
@@ -281,12 +382,12 @@ class StateStore:
         return out
 
     def _scan_ids(self, entity: str) -> Iterator[str]:
-        head = f"{self.p}{entity}:"
-        for key in self.r.scan_iter(match=f"{_glob_escape(head)}*:m", count=1000):
-            yield key.decode()[len(head):-2]
+        for key in self.r.scan_iter(match=self.keys.every_shard(f"{entity}:*:m"), count=1000):
+            yield self.keys.entity(key.decode())
 
     def user_ids(self) -> Iterator[str]:
-        """Every user with any state (SCAN: may repeat an id; callers needing a set should make one)."""
+        """Every user with any state (SCAN, on every node of a cluster: may repeat an id; callers
+        needing a set should make one)."""
         return self._scan_ids("u")
 
     def item_ids(self) -> Iterator[str]:
@@ -324,16 +425,20 @@ class StateStore:
         return bool(self.r.set(self._q("pct:due"), 1, nx=True, px=max(int(interval_s * 1000), 1)))
 
     def check_buckets(self, limit: int = 1000, tables: Mapping[str, PercentileTable] | None = None) -> list[str]:
-        """Items whose counters changed: mark dirty those whose percentile bucket moved; returns them.
+        """Items whose counters changed (about ``limit``, an even share from each shard): mark dirty
+        those whose percentile bucket moved; returns them.
 
-        The check is off the event path (so an event stays one script call) and crash-safe: an item
-        leaves ``counted`` only after its new buckets are stored and its dirty mark is set.
+        The check is off the event path (so an event stays one script call per shard) and crash-safe:
+        an item leaves ``counted`` only after its new buckets are stored and its dirty mark is set.
         """
         tables = self.percentile_tables() if tables is None else tables
-        pending = self.r.zrange(self._q("counted"), 0, limit - 1, withscores=True)
-        if not pending or not tables:
+        share = math.ceil(limit / self.keys.shards)
+        pipe = self.r.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.zrange(self.keys.in_shard(shard, "counted"), 0, share - 1, withscores=True)
+        change_no = {m.decode(): int(n) for pending in pipe.execute() for m, n in pending}
+        if not change_no or not tables:
             return []
-        change_no = {m.decode(): int(n) for m, n in pending}
         states = [st for st in self.items(list(change_no)) if st]
         return self._recheck(states, tables, change_no)
 
@@ -345,46 +450,66 @@ class StateStore:
         previous = stored.execute()
         now = _now_ms()
         moved: list[str] = []
-        pipe = self.r.pipeline(transaction=True)
+        # In order per item (its keys share a node): the dirty mark, then the buckets, then (below) the
+        # uncount. A crash between them costs one encode more, never a missed move.
+        pipe = self.r.pipeline(transaction=False)
         for st, prev in zip(states, previous):
             buckets = json.dumps({name: tables[name].bucket(st.counters[name]) for name in COUNTER_NAMES if name in tables},
                                  sort_keys=True)
             if prev is not None and prev.decode() == buckets:
                 continue
-            pipe.hset(self._i(st.item_id, "m"), "b", buckets)
             if st.features and not st.deleted:  # no stored buckets yet: its vector has none either
+                pipe.zadd(self.keys.near(st.item_id, "dirty:items:counts"), {st.item_id: now}, nx=True)
                 moved.append(st.item_id)
-        if moved:
-            pipe.zadd(self._q("dirty:items:counts"), {iid: now for iid in moved}, nx=True)
-        if change_no:
-            self._uncount(keys=[self._q("counted")], args=[x for kv in change_no.items() for x in kv], client=pipe)
+            pipe.hset(self._i(st.item_id, "m"), "b", buckets)
         pipe.execute()
+        self._run([(self._uncount, [self.keys.in_shard(shard, "counted")], [x for iid in group for x in (iid, change_no[iid])])
+                   for shard, group in self._by_shard(list(change_no)).items()])
         return moved
+
+    def unchecked_count(self) -> int:
+        """Items whose counters changed since their percentile buckets were last checked."""
+        return self._sum_cards(["counted"])
 
     def claim_writes(self, kind: Kind, model_version: str, versions: Mapping[str, int]) -> set[str]:
         """Record that vectors (or deletes) of these state versions are about to be written; returns
         the ids to write: those with no newer version written already. A slow worker's render of an
         older state, arriving after a newer one, is left out, so it cannot replace the newer vector."""
-        if not versions:
-            return set()
-        fresh = self._claim(keys=[self._q(f"vec:{model_version}:{kind}")], args=[x for kv in versions.items() for x in kv])
-        return {x.decode() for x in fresh}
+        name = f"vec:{model_version}:{kind}"
+        replies = self._run([(self._claim, [self.keys.in_shard(shard, name)], [x for id_ in group for x in (id_, versions[id_])])
+                             for shard, group in self._by_shard(list(versions)).items()])
+        return {x.decode() for fresh in replies for x in fresh}
+
+    def written_versions(self, model_version: str, kind: Kind, ids: Sequence[str]) -> dict[str, int]:
+        """The state version of the newest vector of ``model_version`` written for each of ``ids``
+        (-1: none yet)."""
+        pipe = self.r.pipeline(transaction=False)
+        for id_ in ids:
+            pipe.hget(self.keys.near(id_, f"vec:{model_version}:{kind}"), id_)
+        return {id_: int(v) if v is not None else -1 for id_, v in zip(ids, pipe.execute())}
 
     def durability_issue(self) -> str | None:
         """Why an event script's reply may come before its writes are on disk (the worker commits
-        offsets after it), or None: the server must run with appendonly yes and appendfsync always."""
+        offsets after it), or None: every server (each primary of a cluster) must run with appendonly
+        yes and appendfsync always."""
         try:
-            conf = self.r.config_get("append*")
+            if isinstance(self.r, RedisCluster):
+                confs = {node.name: self.r.config_get("append*", target_nodes=node) for node in self.r.get_primaries()}
+            else:
+                confs = {self.settings.redis_url_masked: self.r.config_get("append*")}
         except redis.ResponseError as exc:  # managed Redis may refuse CONFIG
             return f"cannot read the server's persistence settings ({exc})"
-        got = {k: conf.get(k) for k in ("appendonly", "appendfsync")}
-        return None if got == {"appendonly": "yes", "appendfsync": "always"} else f"persistence is {got}"
+        for node, conf in confs.items():
+            got = {k: conf.get(k) for k in ("appendonly", "appendfsync")}
+            if got != {"appendonly": "yes", "appendfsync": "always"}:
+                return f"persistence of {node} is {got}"
+        return None
 
     def clear(self) -> int:
         """Delete every key under this store's prefix (and only those); returns how many."""
         deleted = 0
         batch: list[bytes] = []
-        for key in self.r.scan_iter(match=f"{_glob_escape(self.p)}*", count=10_000):
+        for key in self.r.scan_iter(match=f"{glob_escape(self.p)}*", count=10_000):
             batch.append(key)
             if len(batch) == 10_000:
                 deleted += self.r.delete(*batch)
@@ -395,44 +520,67 @@ class StateStore:
     def mark_dirty(self, kind: Kind, ids_with_ts: Mapping[str, int]) -> None:
         """Queue entities for re-encoding; ``ids_with_ts`` maps id -> wall-clock ms of the change.
         A queued entity keeps its first time (the debounce window starts at the first change)."""
-        if ids_with_ts:
-            self.r.zadd(self._q(f"dirty:{kind}"), dict(ids_with_ts), nx=True)
+        pipe = self.r.pipeline(transaction=False)
+        for shard, group in self._by_shard(list(ids_with_ts)).items():
+            pipe.zadd(self.keys.in_shard(shard, f"dirty:{kind}"), {id_: ids_with_ts[id_] for id_ in group}, nx=True)
+        pipe.execute()
 
     def pop_dirty(self, kind: Kind, limit: int, settled_before_ms: int) -> Lease:
         """Take up to ``limit`` entities dirty since before ``settled_before_ms`` (plus any whose
         lease expired), leased for ``refresh_lease_s`` under a new token: call ``ack_dirty`` after
         their vectors are upserted; unacknowledged ones return to the queue when the lease ends (a
-        crashed worker), and then another popper's token replaces this one."""
-        token = uuid.uuid4().hex
-        out = self._pop(keys=[self._q(f"inflight:{kind}"), self._q(f"lease:{kind}"), *self._queues(kind)],
-                        args=[settled_before_ms, limit, _now_ms(), int(self.settings.refresh_lease_s * 1000), token])
-        return Lease([x.decode() for x in out], token)
+        crashed worker), and then another popper's token replaces this one.
+
+        Every shard's first queue is served before any shard's second. Fair across shards: each round
+        asks every shard that may hold more for an even share of what is still wanted (starting at a
+        random shard when fewer are wanted than there are shards), in one pipeline; a shard that gives
+        less than its share is done. Usually one or two rounds a queue.
+        """
+        token, now, lease_ms = uuid.uuid4().hex, _now_ms(), int(self.settings.refresh_lease_s * 1000)
+        start = random.randrange(self.keys.shards)
+        taken: list[str] = []
+        for served in range(1, len(self._queue_names(kind)) + 1):
+            shards = [(start + n) % self.keys.shards for n in range(self.keys.shards)]
+            while shards and len(taken) < limit:
+                asked = shards[:limit - len(taken)]
+                share = (limit - len(taken)) // len(asked)
+                replies = self._run([(self._pop, [self._key(shard, "inflight", kind), self._key(shard, "lease", kind),
+                                                  *self._queues(kind, shard)],
+                                      [settled_before_ms, share, now, lease_ms, token, served]) for shard in asked])
+                taken += [x.decode() for got in replies for x in got]
+                shards = [shard for shard, got in zip(asked, replies) if len(got) == share] + shards[len(asked):]
+        return Lease(taken, token)
 
     def ack_dirty(self, kind: Kind, lease: Lease, ids: Sequence[str] | None = None) -> list[str]:
         """The vectors of ``ids`` (default: all the lease's) are upserted: end their leases (and any
         quarantine: they are fine now). A change made meanwhile re-queued them. An id whose lease
         expired and was taken over is queued again instead (this write may be older than the
         other's) and returned: the leases lost."""
-        return self._end_leases(kind, lease, lease.ids if ids is None else ids, "ack")
+        return self._end_leases(kind, lease, {id_: "ack" for id_ in (lease.ids if ids is None else ids)})
 
     def quarantine(self, kind: Kind, lease: Lease, reasons: Mapping[str, str]) -> None:
         """Set aside leased entities whose re-encoding failed on their own data, with the reason,
         ending their leases: they stop failing every batch they are in. A new event queues one
         again. An entity whose lease was taken over is left to its new holder."""
-        for id_, reason in reasons.items():
-            self._end_leases(kind, lease, [id_], reason)
+        self._end_leases(kind, lease, reasons)
 
-    def _end_leases(self, kind: Kind, lease: Lease, ids: Sequence[str], outcome: str) -> list[str]:
-        if not ids:
-            return []
-        lost = self._release(keys=[self._q(f"inflight:{kind}"), self._q(f"lease:{kind}"), self._q(f"quarantine:{kind}"),
-                                   self._q(f"dirty:{kind}")],
-                             args=[lease.token, outcome, _now_ms(), *ids])
-        return [x.decode() for x in lost]
+    def _end_leases(self, kind: Kind, lease: Lease, outcomes: Mapping[str, str]) -> list[str]:
+        """End the leases of ``outcomes``' ids: 'ack', or quarantine with the reason; the leases lost."""
+        groups: dict[tuple[int, str], list[str]] = {}
+        for id_, outcome in outcomes.items():
+            groups.setdefault((self.keys.shard(id_), outcome), []).append(id_)
+        now = _now_ms()
+        replies = self._run([(self._release, [self._key(shard, "inflight", kind), self._key(shard, "lease", kind),
+                                              self._key(shard, "quarantine", kind), self._key(shard, "dirty", kind)],
+                              [lease.token, outcome, now, *ids]) for (shard, outcome), ids in groups.items()])
+        return [x.decode() for lost in replies for x in lost]
 
     def quarantined(self, kind: Kind) -> dict[str, str]:
         """Quarantined entities of ``kind`` -> the reason their re-encoding failed."""
-        return {k.decode(): v.decode() for k, v in self.r.hgetall(self._q(f"quarantine:{kind}")).items()}
+        pipe = self.r.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.hgetall(self._key(shard, "quarantine", kind))
+        return {k.decode(): v.decode() for held in pipe.execute() for k, v in held.items()}
 
     def retry_quarantined(self, kind: Kind, ids: Sequence[str] | None = None) -> list[str]:
         """Queue quarantined entities (all of ``kind`` when ``ids`` is None) for re-encoding again,
@@ -444,15 +592,23 @@ class StateStore:
 
     def dirty_count(self, kind: Kind) -> int:
         """Entities waiting or leased for re-encoding (zero = the vectors reflect all applied events)."""
+        return self._sum_cards([f"inflight:{kind}", *self._queue_names(kind)])
+
+    def _sum_cards(self, names: Sequence[str]) -> int:
+        """The members of the sorted sets ``names`` of every shard, summed."""
         pipe = self.r.pipeline(transaction=False)
-        for key in (self._q(f"inflight:{kind}"), *self._queues(kind)):
-            pipe.zcard(key)
+        for shard in range(self.keys.shards):
+            for name in names:
+                pipe.zcard(self.keys.in_shard(shard, name))
         return sum(pipe.execute())
 
-    def _queues(self, kind: Kind) -> list[str]:
-        """Dirty queues of ``kind`` in the order they are served."""
-        return [self._q(f"dirty:{kind}")] + ([self._q("dirty:items:counts")] if kind == "items" else [])
+    def _key(self, shard: int, name: str, kind: Kind) -> str:
+        return self.keys.in_shard(shard, f"{name}:{kind}")
 
+    def _queues(self, kind: Kind, shard: int) -> list[str]:
+        """Dirty queues of ``kind`` in one shard, in the order they are served."""
+        return [self.keys.in_shard(shard, name) for name in self._queue_names(kind)]
 
-def _glob_escape(s: str) -> str:
-    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in s)
+    @staticmethod
+    def _queue_names(kind: Kind) -> list[str]:
+        return [f"dirty:{kind}"] + (["dirty:items:counts"] if kind == "items" else [])

@@ -94,12 +94,12 @@ def chaos_settings(private_redis: Settings) -> Iterator[Settings]:
 
 def applied(store: StateStore) -> int:
     """Events applied so far (one idempotency key each; the slice's ids are all distinct)."""
-    return sum(1 for _ in store.r.scan_iter(match=store._q("ev:*"), count=10_000))
+    return sum(1 for _ in store.r.scan_iter(match=store.keys.every_shard("ev:*"), count=10_000))
 
 
 def quiescent(store: StateStore) -> bool:
     return (store.dirty_count("users") == 0 and store.dirty_count("items") == 0
-            and store.r.zcard(store._q("counted")) == 0)
+            and store.unchecked_count() == 0)
 
 
 def send(settings: Settings, events: Sequence[Event]) -> None:

@@ -248,7 +248,7 @@ class Expected:
     engaged: dict[str, set[str]] = field(default_factory=dict)  # user -> items
     shown: dict[str, set[str]] = field(default_factory=dict)  # user -> items
     entities: dict[tuple[str, str], tuple[int, dict, bool]] = field(default_factory=dict)  # (kind, id) -> ts, features, deleted
-    ids: set[tuple[str, str]] = field(default_factory=set)  # (kind, event id) of every applied event with its own id
+    ids: set[tuple[str, str, str]] = field(default_factory=set)  # (kind, key, event id) of every applied event with its own id
 
     def add(self, rec: Record) -> None:
         if rec.event is None:
@@ -256,11 +256,11 @@ class Expected:
             self.dead[(rec.kind, kept)] += 1
             return
         ev = rec.event
-        if rec.has_id and (ev.kind, ev.event_id) in self.ids:
+        if rec.has_id and (ev.kind, ev.key, ev.event_id) in self.ids:
             self.duplicates[ev.kind] += 1
             return
         if rec.has_id:
-            self.ids.add((ev.kind, ev.event_id))
+            self.ids.add((ev.kind, ev.key, ev.event_id))
         self.applied[ev.kind] += 1
         if isinstance(ev, (ImpressionEvent, EngagementEvent)):
             self.counted[ev.item_id] += 1
@@ -359,9 +359,10 @@ def fuzzed(local_stack: Settings, tiny_model: Path, tmp_path_factory: pytest.Tem
         purge(s)
 
 
-def _ev_keys(store: StateStore, kind: str) -> set[str]:
-    prefix = store._q(f"ev:{kind}:")
-    return {k.decode()[len(prefix):] for k in store.r.scan_iter(match=prefix + "*", count=10_000)}
+def _ev_keys(store: StateStore, kind: str) -> set[tuple[str, str]]:
+    """(key, event id) of every event of ``kind`` claimed (``P{s<n>}ev:<kind>:<key>/<id>``)."""
+    found = (k.decode().split(f"}}ev:{kind}:", 1)[1] for k in store.r.scan_iter(match=store.keys.every_shard(f"ev:{kind}:*"), count=10_000))
+    return {tuple(claim.rsplit("/", 1)) for claim in found}  # type: ignore[misc]
 
 
 def _dlq(settings: Settings) -> Counter[str]:
@@ -419,8 +420,8 @@ def test_the_training_reader_judges_the_topics_as_the_worker_did(fuzzed: Fuzzed)
           f"skipped {sum(stats.invalid.values())} invalid, {sum(stats.duplicates.values())} duplicates")
     assert dict(stats.invalid) == dict(_dlq(s))
     for kind in KINDS:  # same ids, derived ones included: the reader and the worker collapse the same duplicates
-        assert {e.event_id for e in events if e.kind == kind} == _ev_keys(store, kind), kind
-    assert len({(e.kind, e.event_id) for e in events}) == len(events)
+        assert {(e.key, e.event_id) for e in events if e.kind == kind} == _ev_keys(store, kind), kind
+    assert len({(e.kind, e.key, e.event_id) for e in events}) == len(events)
     assert sum(stats.duplicates.values()) == fuzzed.worker.events("duplicate")
 
 

@@ -135,7 +135,7 @@ def observed_effects(store: StateStore) -> dict:
 
 
 def idempotency_keys(store: StateStore) -> int:
-    return sum(1 for _ in store.r.scan_iter(match=store._q("ev:*"), count=10_000))
+    return sum(1 for _ in store.r.scan_iter(match=store.keys.every_shard("ev:*"), count=10_000))
 
 
 def group_of(admin: KafkaAdminClient, settings: Settings) -> str:

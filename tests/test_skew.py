@@ -1,5 +1,5 @@
-"""No training/serving skew: the same events replayed through Redis (``StateStore``, the real server)
-and through ``ReferenceState`` (what training builds on) read the same, and the dataset's examples
+"""No training/serving skew: the same events replayed through Redis (``StateStore``, the real server, and
+a Redis Cluster: ``any_redis``) and through ``ReferenceState`` (what training builds on) read the same, and the dataset's examples
 hold the texts serving would have made from Redis at the same moment."""
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def at(ms: int) -> datetime:
 
 
 @pytest.fixture()
-def store(settings: Settings) -> Iterator[StateStore]:
-    s = StateStore.from_settings(settings.model_copy(update=CAPS))
+def store(any_redis: Settings) -> Iterator[StateStore]:
+    s = StateStore.from_settings(any_redis.model_copy(update=CAPS))
     yield s
     s.clear()
 
@@ -156,8 +156,8 @@ events = st.lists(st.one_of(
 
 @hypothesis_settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(events=events)
-def test_redis_and_the_reference_agree_on_any_event_sequence(settings: Settings, events: list[Event]) -> None:
-    store = StateStore.from_settings(isolated(settings, history_len=2, recent_impressions_len=2))
+def test_redis_and_the_reference_agree_on_any_event_sequence(any_redis: Settings, events: list[Event]) -> None:
+    store = StateStore.from_settings(isolated(any_redis, history_len=2, recent_impressions_len=2))
     try:
         assert_same(store, replay(store, events), USERS, ITEMS)
     finally:

@@ -174,7 +174,7 @@ def activity(n: int, n_items: int, n_users: int, seed: int) -> list[Event]:
 def quiescent(store: StateStore, applied: Callable[[], float], expected: int) -> bool:
     """Every event applied and every dirty entity re-encoded."""
     return (applied() >= expected and store.dirty_count("users") == 0 and store.dirty_count("items") == 0
-            and store.r.zcard(store._q("counted")) == 0)
+            and store.unchecked_count() == 0)
 
 
 def semantic_state(store: StateStore, users: Sequence[str], items: Sequence[str]) -> tuple:

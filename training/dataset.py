@@ -195,10 +195,10 @@ def read_events(settings: Settings, options: DatasetOptions, ranges: dict[TopicP
                     except InvalidEvent:
                         stats.invalid[tp.topic] += 1
                         continue
-                    if (event.kind, event.event_id) in seen:
+                    if (event.kind, event.key, event.event_id) in seen:  # ids are per key, as serving claims them
                         stats.duplicates[tp.topic] += 1
                         continue
-                    seen.add((event.kind, event.event_id))
+                    seen.add((event.kind, event.key, event.event_id))
                     yield event
                 if tp in todo and consumer.position(tp) >= stop:
                     del todo[tp]
