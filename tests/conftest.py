@@ -112,18 +112,28 @@ def private_redis(local_stack: Settings, tmp_path: Path) -> Iterator[Settings]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(local_stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """The shared stack's settings but with Redis on a private three-node Redis Cluster (free ports, a temp
-    dir), started once per session and stopped after."""
-    private = local_stack.model_copy(update={"state_dir": tmp_path_factory.mktemp("redis-cluster"), "redis_cluster": True,
-                                             "redis_url": f"redis://127.0.0.1:{free_cluster_port()}/0"})
+def _cluster(base: Settings, state_dir: Path) -> Iterator[Settings]:
+    """``base`` with Redis on a three-node Redis Cluster of its own (free ports, ``state_dir``), stopped after."""
+    private = base.model_copy(update={"state_dir": state_dir, "redis_cluster": True,
+                                      "redis_url": f"redis://127.0.0.1:{free_cluster_port()}/0"})
     try:
         stack.start_redis(private)
         yield private
     finally:
         for node in stack.cluster_nodes(private):
             node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(local_stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """The shared stack's settings but with Redis on a private Redis Cluster, started once per session."""
+    yield from _cluster(local_stack, tmp_path_factory.mktemp("redis-cluster"))
+
+
+@pytest.fixture()
+def private_redis_cluster(local_stack: Settings, tmp_path: Path) -> Iterator[Settings]:
+    """A Redis Cluster of the test's own (it may stop and restart nodes), isolated by unique prefixes."""
+    yield from _cluster(unique_settings(local_stack), tmp_path / "redis-cluster")
 
 
 @pytest.fixture(params=["standalone", "cluster"])

@@ -74,7 +74,8 @@ def onetower_env(settings: Settings) -> dict[str, str]:
     """The environment that gives an ``onetower`` subprocess these settings."""
     return {**os.environ, "ONETOWER_TOPIC_PREFIX": settings.topic_prefix, "ONETOWER_REDIS_KEY_PREFIX": settings.redis_key_prefix,
             "ONETOWER_MILVUS_PREFIX": settings.milvus_prefix, "ONETOWER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "ONETOWER_REDIS_URL": settings.redis_url, "ONETOWER_MILVUS_URI": settings.milvus_uri,
+            "ONETOWER_REDIS_URL": settings.redis_url, "ONETOWER_REDIS_CLUSTER": str(settings.redis_cluster),
+            "ONETOWER_MILVUS_URI": settings.milvus_uri,
             "ONETOWER_WORKER_METRICS_PORT": "0", "ONETOWER_REFRESH_LEASE_S": str(settings.refresh_lease_s),
             "ONETOWER_REFRESH_DEBOUNCE_S": str(settings.refresh_debounce_s),
             "ONETOWER_TOPIC_PARTITIONS": str(settings.topic_partitions), "COLUMNS": "400"}
@@ -129,8 +130,11 @@ class Worker:
 
 
 @pytest.fixture()
-def wsettings(settings: Settings) -> Iterator[Settings]:
-    """Per-test settings with short leases and debounce; drops the test's keys, topics and collections after."""
+def wsettings(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Settings]:
+    """Per-test settings with short leases and debounce (on the private Redis Cluster when parametrized
+    ``cluster``); drops the test's keys, topics and collections after."""
+    if getattr(request, "param", "standalone") == "cluster":
+        settings = settings.model_copy(update={"redis_url": request.getfixturevalue("redis_cluster").redis_url, "redis_cluster": True})
     s = settings.model_copy(update={"refresh_lease_s": 3.0, "refresh_debounce_s": 0.2})
     yield s
     purge(s)
@@ -276,7 +280,8 @@ def test_a_new_item_becomes_retrievable_through_candidates(wsettings: Settings, 
     poll("the new item among u0's candidates", lambda: "fresh" in {i for i, _ in retriever.candidates("u0", k=50).items})
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+@pytest.mark.parametrize(("wsettings", "sig"), [("standalone", signal.SIGKILL), ("standalone", signal.SIGTERM), ("cluster", signal.SIGKILL)],
+                         ids=["kill-9", "sigterm", "kill-9-cluster"], indirect=["wsettings"])
 def test_a_stop_mid_stream_loses_nothing_and_counts_nothing_twice(wsettings: Settings, workers: Callable[[], Worker],
                                                                    sig: int) -> None:
     store, index = StateStore.from_settings(wsettings), MilvusStore(wsettings)
