@@ -354,6 +354,7 @@ def live_recall_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
         runs: dict[float, list[Run]] = {a: [] for a in arms}
         scored: dict[float, float] = {a: 0.0 for a in arms}
         skipped: dict[float, dict[str, float]] = {a: {} for a in arms}
+        cost: dict[float, list[float]] = {a: [0.0, 0.0] for a in arms}  # ranking seconds, engagements ranked (in the worker)
         for rnd in range(args.rounds):
             for arm in (arms if rnd % 2 == 0 else arms[::-1]):  # off, on, on', then on', on, off...
                 w = Worker(s, args.model, refresh=True, log=logdir / f"lr-{arm}-{rnd}.log",
@@ -364,6 +365,8 @@ def live_recall_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
                     run = measure(w, s, store, rate, args, workload, seed=100 * rnd + arms.index(arm))
                     m = w.metrics()
                     scored[arm] += total(m, "onetower_live_recall_scored_total")
+                    cost[arm][0] += total(m, "onetower_live_recall_seconds_sum")
+                    cost[arm][1] += total(m, "onetower_live_recall_seconds_count")
                     for (n, ls), v in m.items():
                         if n == "onetower_live_recall_skipped_total":
                             skipped[arm][dict(ls)["reason"]] = skipped[arm].get(dict(ls)["reason"], 0) + v
@@ -379,6 +382,10 @@ def live_recall_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
             report(f"median freshness p50/p95/p99 (s), sample rate {arm:g}",
                    " / ".join(f"{x:.2f}" for x in med[arm]) + f"  ({scored[arm]:.0f} scored, skipped "
                    f"{ {k: int(v) for k, v in skipped[arm].items()} }){ratio}")
+            if cost[arm][1]:
+                report(f"  ranking cost in the worker, sample rate {arm:g} (ms per engagement, mean)",
+                       f"{1000 * cost[arm][0] / cost[arm][1]:.1f}  ({cost[arm][0] / (args.rounds * args.steady_s):.1%} of one core "
+                       f"over the steady windows)")
     finally:
         cleanup(s)
 
