@@ -383,7 +383,7 @@ def live_recall_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
                    " / ".join(f"{x:.2f}" for x in med[arm]) + f"  ({scored[arm]:.0f} scored, skipped "
                    f"{ {k: int(v) for k, v in skipped[arm].items()} }){ratio}")
             if cost[arm][1]:
-                report(f"  ranking cost in the worker, sample rate {arm:g} (ms per engagement, mean)",
+                report(f"  ranking in the worker, rate {arm:g} (ms an engagement: popularity + ANN; vector reads and Redis writes per batch not included)",
                        f"{1000 * cost[arm][0] / cost[arm][1]:.1f}  ({cost[arm][0] / (args.rounds * args.steady_s):.1%} of one core "
                        f"over the steady windows)")
     finally:
