@@ -35,13 +35,12 @@ from tqdm import tqdm
 
 from core.settings import Settings
 from onetower.prefixes import isolated, purge
-from streams.events import EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent
+from streams.events import EngagementEvent, Event, ImpressionEvent, ItemEvent, UserEvent, kind_rank
 from streams.producer import EventProducer
 from streams.state import StateStore
 
 OUT = Path("/tmp/onetower-scale")
 DIM = 512
-ORDER = ("items", "users", "impressions", "engagements")  # catalogue first at equal event times
 
 
 def write(part: str, result: dict, out: Path | None) -> None:
@@ -148,18 +147,27 @@ def part_state(base: Settings, args: argparse.Namespace) -> dict:
 
 # -- memory: Redis bytes per entity -----------------------------------------------------------------
 
+SHARD_TAG = re.compile(r"^\{s\d+\}")  # the hash tag in front of every sharded key (streams.rules.Keys)
+
+
+def replayed_movielens(s: Settings) -> tuple[StateStore, dict[str, list[Event]], list[Event]]:
+    """MovieLens-100k applied to the state under ``s``'s prefix, in event-time order."""
+    from streams.movielens import events_from_wheel, recbole_wheel
+
+    store = StateStore.from_settings(s)
+    by_kind = events_from_wheel(recbole_wheel(s))
+    events = sorted((e for kind in by_kind.values() for e in kind), key=lambda e: (e.ts, kind_rank(e.kind)))
+    for k in tqdm(range(0, len(events), 1000), desc="replay MovieLens", unit="kev"):
+        store.apply_many(events[k:k + 1000])
+    return store, by_kind, events
+
+
 def part_memory(base: Settings, args: argparse.Namespace) -> dict:
     """MovieLens-100k replayed into a fresh prefix, then ``MEMORY USAGE`` of every key, grouped per user,
     per item, per idempotency key and for the shared structures."""
-    from streams.movielens import events_from_wheel, recbole_wheel
-
     s = isolated(base, "sm")
-    store = StateStore.from_settings(s)
     try:
-        by_kind = events_from_wheel(recbole_wheel(s))
-        events = sorted((e for kind in by_kind.values() for e in kind), key=lambda e: (e.ts, ORDER.index(e.kind)))
-        for k in tqdm(range(0, len(events), 1000), desc="replay MovieLens", unit="kev"):
-            store.apply_many(events[k:k + 1000])
+        store, by_kind, events = replayed_movielens(s)
         store.refresh_percentile_tables()
         groups: dict[str, int] = {"user": 0, "item": 0, "event_id": 0, "shared": 0}
         n_keys: dict[str, int] = dict.fromkeys(groups, 0)
@@ -168,9 +176,9 @@ def part_memory(base: Settings, args: argparse.Namespace) -> dict:
         for key in keys:
             pipe.memory_usage(key, samples=0)
         for key, size in zip(keys, tqdm(pipe.execute(), desc="MEMORY USAGE", unit="key")):
-            rest = key.decode()[len(s.redis_key_prefix):]
+            rest = SHARD_TAG.sub("", key.decode()[len(s.redis_key_prefix):])
             group = ("user" if rest.startswith("u:") else "item" if rest.startswith("i:") else
-                     "event_id" if rest.startswith("ev:") else "shared")
+                     "event_id" if rest.startswith(("ev:", "ct:")) else "shared")
             groups[group] += size or 0
             n_keys[group] += 1
         users, items = len(by_kind["users"]), len(by_kind["items"])
@@ -192,15 +200,10 @@ def part_encoder(base: Settings, args: argparse.Namespace) -> dict:
     from models.encoder import Encoder
     from models.texts import user_texts
     from models.tuned import served_artifact
-    from streams.movielens import events_from_wheel, recbole_wheel
 
     s = isolated(base, "se")
-    store = StateStore.from_settings(s)
     try:
-        by_kind = events_from_wheel(recbole_wheel(s))
-        events = sorted((e for kind in by_kind.values() for e in kind), key=lambda e: (e.ts, ORDER.index(e.kind)))
-        for k in tqdm(range(0, len(events), 1000), desc="replay MovieLens", unit="kev"):
-            store.apply_many(events[k:k + 1000])
+        store, _, _ = replayed_movielens(s)
         ids = [str(u) for u in range(1, args.users + 1)]
         texts = [t for t in user_texts(store, ids) if t]
     finally:
