@@ -332,9 +332,12 @@ def ready(w: Worker, s: Settings, store: StateStore, args: argparse.Namespace, w
     wait("refresher started", lambda: "refresher started" in w.log.read_text(), timeout=600)
     wait("partitions assigned", lambda: any(n == "onetower_consumer_lag" for n, _ in w.metrics()))
     if args.warmup_s > 0:
-        steady(s, 1.0, args.warmup_s, workload, seed=random.randrange(10**9))
-        wait("warm-up drained", lambda: store.dirty_count("users") + store.dirty_count("items") == 0,
-             timeout=args.drain_max_s, every=0.5)
+        steady(s, min(1.0, *(args.rates or [1.0])), args.warmup_s, workload, seed=random.randrange(10**9))
+        try:
+            wait("warm-up drained", lambda: store.dirty_count("users") + store.dirty_count("items") == 0,
+                 timeout=3 * args.drain_max_s, every=0.5)
+        except SystemExit:  # a slow first encode (torch's first batches): start from an empty queue anyway
+            clear_dirty(store)
 
 
 def live_recall_mode(args: argparse.Namespace, base: Settings, by_kind: dict, workload: Workload, logdir: Path,
