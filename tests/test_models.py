@@ -20,7 +20,6 @@ from models.samples import sample_items, sample_users
 from models.testing import tiny_llama
 from models.tower import Truncate, build_tower, resolve_base_model, truncate
 from onetower.cli import app
-from core.settings import get_settings
 
 TEXTS = probe_texts()
 
@@ -189,15 +188,10 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
         build_tower(str(tmp_path / "no-such-model"))
 
 
-def test_smollm2_before_import_says_how_to_fix(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONETOWER_CACHE_DIR", str(tmp_path))
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(ModelError, match="onetower model import-gguf"):
-            resolve_base_model("smollm2")
-    finally:
-        get_settings.cache_clear()
-    assert resolve_base_model("org/some-model") == "org/some-model"
+def test_smollm2_before_import_says_how_to_fix(tmp_path):
+    with pytest.raises(ModelError, match="onetower model import-gguf"):
+        resolve_base_model("smollm2", cache_dir=tmp_path)
+    assert resolve_base_model("org/some-model", cache_dir=tmp_path) == "org/some-model"
 
 
 def test_missing_and_corrupt_artifacts(artifact, tmp_path):
