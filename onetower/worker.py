@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import faust
 import redis
+from aiokafka.errors import IllegalStateError
 from faust.types import EventT
 
 from indexer.live_recall import LiveRecall, Probe, publish
@@ -240,8 +241,13 @@ def build_app(settings: Settings, refresher: Refresher | None, store: StateStore
         consumer = app.consumer
         held: set[tuple[str, str]] = set()
         for tp in consumer.assignment():
-            # Both are None for a partition still being assigned (a rebalance): report it next time.
-            position, highwater = await consumer.position(tp), consumer.highwater(tp)
+            # Both are None for a partition still being assigned (a rebalance): report it next time. One
+            # revoked meanwhile (a member joined or left) raises: it is no longer held. Left to raise, it
+            # would crash this timer and with it the whole worker.
+            try:
+                position, highwater = await consumer.position(tp), consumer.highwater(tp)
+            except (IllegalStateError, AssertionError):  # position's and highwater's "not assigned"
+                continue
             if position is not None and highwater is not None:
                 labels = (tp.topic, str(tp.partition))
                 metrics.LAG.labels(*labels).set(max(highwater - position, 0))
