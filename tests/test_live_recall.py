@@ -140,6 +140,11 @@ def test_a_reindex_promotes_only_on_live_recall_scored_in_both_versions(
 
     build = threading.Thread(target=promote)
     build.start()
+    # The gate forgets the pairs scored while the shadow was building (a partial index), so the stream
+    # starts once the shadow is ready: sent from the start, it could run dry before the gate began.
+    watch = MilvusStore(lsettings)  # its own client: the build's is busy in the other thread
+    poll("the shadow built", lambda: not build.is_alive()
+         or (watch.version_info("tiny_shadow") or {}).get("state") == "ready", timeout=300)
     with EventProducer(lsettings) as producer:
         for start in range(0, len(stream), 20):  # a steady stream until the decision
             if not build.is_alive():
