@@ -1,4 +1,4 @@
-"""Event schemas (DESIGN.md, Events): JSON values validated by pydantic, keyed by entity id.
+"""Event schemas (docs/DESIGN.md, Events): JSON values validated by pydantic, keyed by entity id.
 
 A value is a valid event only if (``parse_event`` raises ``InvalidEvent`` with the reason otherwise,
 and nothing else, whatever the bytes):

@@ -1,4 +1,4 @@
-"""The streaming state in Redis (DESIGN.md, State): profiles, histories, counters, dirty queues.
+"""The streaming state in Redis (docs/DESIGN.md, State): profiles, histories, counters, dirty queues.
 
 How each kind of event changes the state is defined once, in ``streams.rules`` (its Lua and its
 Python reference side by side); this module runs those rules on Redis and reads the result.
