@@ -210,6 +210,7 @@ def reference_state(settings: Settings, events: Sequence[Event], users: Sequence
         ref.clear()
 
 
+@pytest.mark.parametrize("wsettings", ["standalone", "cluster"], indirect=True)
 def test_engagements_move_vectors_replays_change_nothing_and_bad_records_go_to_the_dlq(
         wsettings: Settings, workers: Callable[[], Worker]) -> None:
     store, index = StateStore.from_settings(wsettings), MilvusStore(wsettings)
@@ -307,6 +308,7 @@ def test_a_stop_mid_stream_loses_nothing_and_counts_nothing_twice(wsettings: Set
         assert w2.events("duplicate") == 0  # a graceful stop committed everything it had applied
 
 
+@pytest.mark.parametrize("wsettings", ["standalone", "cluster"], indirect=True)
 def test_two_workers_split_partitions_and_reach_the_one_worker_state(wsettings: Settings, workers: Callable[[], Worker]) -> None:
     store, index = StateStore.from_settings(wsettings), MilvusStore(wsettings)
     n_items, n_users = 20, 16
