@@ -423,8 +423,8 @@ class ReferenceState:
         self._items: dict[str, _Item] = {}
         self._applied: set[tuple[str, str, str]] = set()
         self._tables: dict[str, PercentileTable] = {}
-        self._user_reads: dict[str, UserState] = {}
-        self._item_reads: dict[str, ItemState] = {}
+        self._user_reads: dict[str, UserState | None] = {}
+        self._item_reads: dict[str, ItemState | None] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReferenceState:
@@ -457,30 +457,24 @@ class ReferenceState:
         return [self._user_state(uid) for uid in ids]
 
     def _user_state(self, uid: str) -> UserState | None:
-        if (cached := self._user_reads.get(uid)) is not None:
-            return cached
-        user = self._users.get(uid)
-        if user is None or not user.meta:
-            return None
-        state = UserState(user_id=uid, profile=dict(user.profile), history=_zrange(user.history),
-                          updated_ms=user.meta.get("ts", -1), version=user.meta.get("v", 0))
-        self._user_reads[uid] = state
-        return state
+        if uid not in self._user_reads:
+            user = self._users.get(uid)
+            self._user_reads[uid] = None if user is None or not user.meta else UserState(
+                user_id=uid, profile=dict(user.profile), history=_zrange(user.history),
+                updated_ms=user.meta.get("ts", -1), version=user.meta.get("v", 0))
+        return self._user_reads[uid]
 
     def items(self, ids: Sequence[str]) -> list[ItemState | None]:
         """Item states in the order of ``ids``; None for an item with no state (neither features nor counts)."""
         return [self._item_state(iid) for iid in ids]
 
     def _item_state(self, iid: str) -> ItemState | None:
-        if (cached := self._item_reads.get(iid)) is not None:
-            return cached
-        item = self._items.get(iid)
-        if item is None or not item.meta:
-            return None
-        state = ItemState(item_id=iid, features=dict(item.features), counters=counters_as_of(item.buckets, item.meta.get("cts", -1)),
-                          deleted=item.meta.get("deleted") == 1, updated_ms=item.meta.get("ts", -1), version=item.meta.get("v", 0))
-        self._item_reads[iid] = state
-        return state
+        if iid not in self._item_reads:
+            item = self._items.get(iid)
+            self._item_reads[iid] = None if item is None or not item.meta else ItemState(
+                item_id=iid, features=dict(item.features), counters=counters_as_of(item.buckets, item.meta.get("cts", -1)),
+                deleted=item.meta.get("deleted") == 1, updated_ms=item.meta.get("ts", -1), version=item.meta.get("v", 0))
+        return self._item_reads[iid]
 
     def user_ids(self) -> Iterator[str]:
         return (uid for uid, user in self._users.items() if user.meta)

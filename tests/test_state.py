@@ -21,6 +21,8 @@ pytestmark = pytest.mark.stack
 
 T0 = 1_700_000_000_000
 
+ALL_SETTLED = 2**62  # a settle time after every dirty mark: pop whatever is queued
+
 
 def at(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
@@ -180,10 +182,10 @@ def test_a_stalled_workers_ack_leaves_the_lease_of_the_worker_that_took_over(any
         # so the entity is queued to be encoded once more after the other's ack.
         assert slow.ack_dirty("users", stalled) == ["u"]
         assert fast.r.zscore(inflight, "u") is not None
-        assert fast.pop_dirty("users", 10, settled_before_ms=int(time.time() * 1000) + 1).ids == []
+        assert fast.pop_dirty("users", 10, settled_before_ms=ALL_SETTLED).ids == []
         assert fast.ack_dirty("users", taken) == []
         assert fast.r.zscore(inflight, "u") is None
-        again = fast.pop_dirty("users", 10, settled_before_ms=int(time.time() * 1000) + 1)
+        again = fast.pop_dirty("users", 10, settled_before_ms=ALL_SETTLED)
         assert again.ids == ["u"]
         fast.quarantine("users", stalled, {"u": "a stale holder's verdict"})  # a lost lease quarantines nothing
         assert fast.quarantined("users") == {}
@@ -195,14 +197,14 @@ def test_a_stalled_workers_ack_leaves_the_lease_of_the_worker_that_took_over(any
 def test_items_are_dirty_for_counters_only_when_their_bucket_moves(store: StateStore) -> None:
     ids = [f"i{n}" for n in range(200)]
     store.apply_many([ItemEvent(item_id=i, features={"title": i}, ts=at(T0)) for i in ids])
-    store.ack_dirty("items", store.pop_dirty("items", 1000, settled_before_ms=int(time.time() * 1000) + 1))
+    store.ack_dirty("items", store.pop_dirty("items", 1000, settled_before_ms=ALL_SETTLED))
     # Most items were never shown; three were: the tables' top edge sits below the top item.
     store.apply_many([ImpressionEvent(user_id="u", item_id=i, ts=at(T0 + k))
                       for i, times in [("i199", 5), ("i198", 2), ("i197", 1)] for k in range(times)])
     tables = store.refresh_percentile_tables()
     assert set(tables) == set(COUNTER_NAMES)
     assert store.percentile_tables()["impressions_1h"] == tables["impressions_1h"]
-    first = store.pop_dirty("items", 1000, settled_before_ms=int(time.time() * 1000) + 1)
+    first = store.pop_dirty("items", 1000, settled_before_ms=ALL_SETTLED)
     assert sorted(first.ids) == sorted(ids)  # their vectors had no buckets yet
     store.ack_dirty("items", first)
     assert store.check_buckets() == []  # the counted queue from before the refresh: nothing moved since
