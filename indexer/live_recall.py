@@ -5,8 +5,8 @@ the event, takes the user's engaged set and state version (``snapshot``, one Red
 batch); then, off the event path, it reads the user's stored vector (unless the refresher already
 wrote one from a newer state, which would show the engagement) and ranks the engaged item with the candidates code (ANN top-``DEPTH``, seen items excluded as
 serving excludes them) in the active version and in a version a re-index is building (shadow), and
-ranks it by popularity (the state's engagement counter, same exclusion; the order is re-read every
-``POPULARITY_RELOAD_S``) for a baseline. Hits are
+ranks it by popularity (the items' 7-day engagement counters, same exclusion; the order is re-read from
+the counters alone every ``POPULARITY_RELOAD_S``) for a baseline. Hits are
 added to per-minute Redis hashes, so every worker and ``onetower quality`` read the same sliding
 windows; shadow and active ranks of the same engagement are also kept as pairs, which is what a
 re-index compares before promoting (``promotion_check``).
@@ -42,7 +42,7 @@ DEPTH = max(KS)  # ranks beyond this are recorded as misses
 WINDOWS_S = {"1h": 3600, "24h": 24 * 3600}
 MINUTE_S = 60
 VERSIONS_RELOAD_S = 10.0  # how stale this worker's idea of the active and shadow versions may get
-POPULARITY_RELOAD_S = 10.0  # how stale the popularity order may get
+POPULARITY_RELOAD_S = 60.0  # how stale the popularity order may get (7-day counts barely move in a minute)
 POPULARITY_COUNTER = "engagements_7d"
 SHADOW_STATES = ("building", "ready")
 PAIRS_KEEP = 10_000
@@ -227,15 +227,15 @@ class LiveRecall:
         return None
 
     def _popularity(self) -> list[str]:
-        """Every item, most engaged first (``POPULARITY_COUNTER``, ties by id), re-read periodically."""
+        """Every servable item, most engaged first (``POPULARITY_COUNTER``, ties by id), re-read every
+        ``POPULARITY_RELOAD_S`` from the counters alone."""
         if time.monotonic() - self._popular_at >= POPULARITY_RELOAD_S:
             ids = list(dict.fromkeys(self.store.item_ids()))
-            states = [st for start in range(0, len(ids), 1000) for st in self.store.items(ids[start:start + 1000]) if st]
-            live = [st for st in states if not st.deleted]
-            self._popular = [st.item_id for st in sorted(live, key=lambda st: (-st.counters[POPULARITY_COUNTER], st.item_id))]
+            counts = {iid: counters[POPULARITY_COUNTER] for start in range(0, len(ids), 1000)
+                      for iid, counters in self.store.servable_counters(ids[start:start + 1000]).items()}
+            self._popular = sorted(counts, key=lambda iid: (-counts[iid], iid))
             self._popular_at = time.monotonic()
         return self._popular
-
 
 
 def figures(store: StateStore, now_s: float | None = None) -> list[Figures]:

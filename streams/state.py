@@ -347,15 +347,16 @@ class StateStore:
             pipe.hgetall(self._u(uid, "m"))
             pipe.hgetall(self._u(uid, "p"))
             pipe.zrange(self._u(uid, "h"), 0, -1, withscores=True)
+            pipe.scard(self._u(uid, "e"))
 
         got = self._snapshots(ids, read)
         out: list[UserState | None] = []
         for uid in ids:
-            meta, profile, hist = got[uid]
+            meta, profile, hist, engaged = got[uid]
             out.append(UserState(
                 user_id=uid, profile=_decode_features(profile),
                 history=[HistoryEntry(item.decode(), int(ts)) for item, ts in hist],
-                updated_ms=int(meta.get(b"ts", -1)), version=int(meta.get(b"v", 0))) if meta else None)
+                updated_ms=int(meta.get(b"ts", -1)), version=int(meta.get(b"v", 0)), engaged=int(engaged)) if meta else None)
         return out
 
     def items(self, ids: Sequence[str]) -> list[ItemState | None]:
@@ -379,6 +380,22 @@ class StateStore:
                                  counters=counters_as_of(counts, int(meta.get(b"cts", -1))),
                                  deleted=meta.get(b"deleted") == b"1", updated_ms=int(meta.get(b"ts", -1)),
                                  version=int(meta.get(b"v", 0))))
+        return out
+
+    def servable_counters(self, ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Counters of the items among ``ids`` that have features and are not deleted (those serving can
+        offer), read without their features: what a popularity ranking needs, at a fraction of ``items``' cost."""
+        def read(pipe: Any, iid: str) -> None:
+            pipe.hmget(self._i(iid, "m"), "cts", "deleted")
+            pipe.exists(self._i(iid, "f"))
+            for signal in SIGNALS:
+                pipe.hgetall(self._i(iid, f"c:{signal}"))
+
+        out: dict[str, dict[str, int]] = {}
+        for iid, ((cts, deleted), has_features, *buckets) in self._snapshots(ids, read).items():
+            if has_features and deleted != b"1":
+                counts = {signal: {int(b): int(c) for b, c in raw.items()} for signal, raw in zip(SIGNALS, buckets)}
+                out[iid] = counters_as_of(counts, int(cts or -1))
         return out
 
     def _scan_ids(self, entity: str) -> Iterator[str]:

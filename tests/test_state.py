@@ -110,6 +110,19 @@ def test_counters_are_windows_as_of_the_items_newest_counter_event(store: StateS
     assert len(store.r.hkeys(store._i("x", "c:impressions"))) <= 24 * 7 + 1
 
 
+def test_servable_counters_are_the_counters_of_items_serving_can_offer(store: StateStore) -> None:
+    store.apply_many([
+        ItemEvent(item_id="shown", features={"title": "A"}, ts=at(T0)),
+        ItemEvent(item_id="gone", features={"title": "B"}, ts=at(T0)),
+        ItemEvent(item_id="gone", deleted=True, ts=at(T0 + 1)),
+        *(EngagementEvent(user_id=f"u{n}", item_id=item, ts=at(T0 + n))
+          for n, item in enumerate(["shown", "shown", "gone", "no-features"])),
+    ])
+    got = store.servable_counters(["shown", "gone", "no-features", "unknown"])
+    assert set(got) == {"shown"}  # deleted, feature-less and unknown items cannot be served
+    assert got["shown"] == store.items(["shown"])[0].counters and got["shown"]["engagements_7d"] == 2
+
+
 def test_profiles_and_features_take_the_newest_event_time(store: StateStore) -> None:
     store.apply_many([
         UserEvent(user_id="u1", features={"age": 30, "city": "Oslo"}, ts=at(T0 + 10)),
