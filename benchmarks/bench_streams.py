@@ -204,22 +204,27 @@ class Workload:
         return sorted(out)
 
 
-def steady(s: Settings, rate: float, seconds: float, workload: Workload, seed: int) -> list[tuple[float, str, str]]:
-    """Send engagements now-stamped at ``rate``/s on average for ``seconds`` (``workload``'s pattern); returns them."""
-    plan = workload.schedule(rate, seconds, seed)
+def steady(s: Settings, rate: float, seconds: float, workload: Workload, seed: int, lead_s: float = 0.0,
+           at_lead=None) -> list[tuple[float, str, str]]:
+    """Send engagements now-stamped at ``rate``/s on average for ``lead_s + seconds`` (``workload``'s pattern,
+    one process throughout, so sessions under way at the lead's end go on), calling ``at_lead`` when the lead
+    ends; returns those sent after it."""
+    plan = workload.schedule(rate, lead_s + seconds, seed)
     sent = 0
     with EventProducer(s, linger_ms=5) as producer:
         start = time.monotonic()
         while sent < len(plan):
             elapsed = time.monotonic() - start
+            if at_lead is not None and elapsed >= lead_s:
+                at_lead, _ = None, at_lead()
             while sent < len(plan) and plan[sent][0] <= elapsed:
                 producer.send(EngagementEvent(user_id=plan[sent][1], item_id=plan[sent][2]))
                 sent += 1
             producer.flush()
             time.sleep(0.02)
-        while time.monotonic() - start < seconds:
+        while time.monotonic() - start < lead_s + seconds:
             time.sleep(0.05)
-    return plan
+    return [row for row in plan if row[0] >= lead_s]
 
 
 def load() -> str:
@@ -264,7 +269,7 @@ def raw_capacity(store: StateStore, model: Path, users: list[str], n: int) -> tu
     """Users/s the model's ONNX encoder makes of ``n`` MovieLens user texts in this process, and tokens a user."""
     encoder = Encoder.load(model)
     sample = random.Random(0).sample(users, n)
-    texts = [x for x in user_texts(store, sample, tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length) if x]
+    texts = [x for x in user_texts(store, sample, tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length, history_block=encoder.history_block) if x]
     encoder.encode(texts[:4])
     t = time.perf_counter()
     encoder.encode(texts)
@@ -300,9 +305,12 @@ INC_METRICS = ("onetower_incremental_hits_total", "onetower_incremental_tokens_c
 
 def measure(w: Worker, s: Settings, store: StateStore, rate: float, args: argparse.Namespace, workload: Workload,
             seed: int) -> Run:
-    """One steady run on a running worker: send, wait until applied and drained (at most ``--drain-max-s``)."""
-    before = w.metrics()
-    plan = steady(s, rate, args.steady_s, workload, seed)
+    """One steady run on a running worker: ``--lead-s`` at the rate unmeasured (the sessions the window
+    starts in are under way: their users were seen), then send, wait until applied and drained (at most
+    ``--drain-max-s``)."""
+    snapshot: list[dict] = []
+    plan = steady(s, rate, args.steady_s, workload, seed, args.lead_s, lambda: snapshot.append(w.metrics()))
+    before = snapshot[0] if snapshot else w.metrics()
     wait("steady events applied", lambda: total(w.metrics(), "onetower_events_total", topic="engagements")
          - total(before, "onetower_events_total", topic="engagements") >= len(plan))
     drained = True
@@ -469,6 +477,8 @@ def main() -> None:
     ap.add_argument("--drain-max-s", type=float, default=60.0,
                     help="a run still draining this long after its last event counts as p99 > 5 s")
     ap.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured seconds at 1 engagement/s after a worker starts")
+    ap.add_argument("--lead-s", type=float, default=0.0,
+                    help="unmeasured seconds at a run's rate before its window (its sessions' earlier engagements)")
     ap.add_argument("--rounds", type=int, default=2, help="live-recall: rounds of the interleaved arms")
     ap.add_argument("--rate", type=float, default=0.0, help="live-recall: engagements/s [default: half the raw capacity]")
     ap.add_argument("--incremental", choices=("off", "on", "both"), default="both", help="incremental: the paths measured")
@@ -511,7 +521,7 @@ def main() -> None:
         report("state apply in-process, no Kafka (events/s)", f"{len(events) / (time.perf_counter() - t):,.0f}")
         encoder = Encoder.load(args.model)
         sample = random.Random(0).sample(ml_users, args.raw_users)
-        texts = [x for x in user_texts(store, sample, tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length) if x]
+        texts = [x for x in user_texts(store, sample, tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length, history_block=encoder.history_block) if x]
         encoder.encode(texts[:16])
         t = time.perf_counter()
         encoder.encode(texts)

@@ -86,7 +86,8 @@ class Retriever:
         version = self.index.require_active()
         encoder = self.encoder(version)
         text = self._state(lambda: user_text(self.store, features, history, tokenizer=encoder.tokenizer,
-                                             max_tokens=encoder.max_seq_length))
+                                             max_tokens=encoder.max_seq_length,
+                                             history_block=encoder.history_block))
         return self.search(version, encoder.encode([text])[0], k, set(history) if exclude_seen else set(), filter, True)
 
     def search(self, version: str, vector: np.ndarray, k: int, seen: set[str], filter: Filter | None,

@@ -34,7 +34,8 @@ def texts(kind: Kind, states: Sequence[State | None], reader: "StateReader", tab
     """The tower input of each state (None: nothing to encode), fitted to the encoder's token budget."""
     if kind == "items":
         return item_state_texts(states, tables)  # type: ignore[arg-type]
-    return user_state_texts(reader, states, tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length)  # type: ignore[arg-type]
+    return user_state_texts(reader, states, tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length,  # type: ignore[arg-type]
+                            history_block=encoder.history_block)
 
 
 def fields(state: State) -> dict[str, Any]:

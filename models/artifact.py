@@ -38,6 +38,7 @@ class Manifest(BaseModel):
     prompt_format_version: str
     pooling: Literal["mean", "lasttoken"]
     max_seq_length: int = Field(ge=1)
+    history_block: int = Field(default=1, ge=1, description="entries a user's history is trimmed by at the token budget (models/render.py)")
     training_data_range: tuple[datetime, datetime] | None = None
     created_at: datetime
     onnx: dict[Literal["fp32", "int8", "fp16"], OnnxFile]

@@ -54,6 +54,7 @@ class _BatchingEncoder(ABC):
     dim: int
     tokenizer: PreTrainedTokenizerFast
     max_seq_length: int
+    history_block: int  # how user texts for this model are trimmed (models/render.py)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids as the model sees them (special tokens added, cut at ``max_seq_length``)."""
@@ -102,6 +103,7 @@ class Encoder(_BatchingEncoder):
         self.version = artifact.version
         self.dim = artifact.manifest.dim
         self.max_seq_length = artifact.manifest.max_seq_length
+        self.history_block = artifact.manifest.history_block
 
     @classmethod
     def load(
@@ -150,18 +152,20 @@ class Encoder(_BatchingEncoder):
 class TorchEncoder(_BatchingEncoder):
     """The same interface over a SentenceTransformer tower, for training and evaluation (and parity)."""
 
-    def __init__(self, model: SentenceTransformer, *, version: str = "untuned") -> None:
+    def __init__(self, model: SentenceTransformer, *, version: str = "untuned", history_block: int = 1) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.version = version
         self.dim = model.get_embedding_dimension()
         self.max_seq_length = model.max_seq_length
+        self.history_block = history_block
 
     @classmethod
     def load(cls, model_dir: Path | str, *, device: str | None = None) -> TorchEncoder:
         """The torch tower of an artifact."""
         artifact = ModelArtifact.load(model_dir)
-        return cls(artifact.load_sentence_transformer(device=device), version=artifact.version)
+        return cls(artifact.load_sentence_transformer(device=device), version=artifact.version,
+                   history_block=artifact.manifest.history_block)
 
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         device = self.model.device

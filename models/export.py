@@ -24,6 +24,7 @@ from models.errors import ArtifactError
 from models.onnx_graph import convert_fp16, export_onnx, parameter_bytes, quantize_int8
 from models.render import PROMPT_FORMAT_VERSION, render_item, render_user
 from models.samples import sample_items, sample_users
+from models.tower import history_block_for
 
 
 def probe_texts() -> list[str]:
@@ -72,10 +73,13 @@ def export_artifact(
     widths: Sequence[int] = MATRYOSHKA_WIDTHS,
     external_data: bool | None = None,
     overwrite: bool = False,
+    history_block: int | None = None,
 ) -> ModelArtifact:
     """Write a complete artifact atomically (a scratch directory renamed into place) and check its parity.
 
     The fp32 graph must match torch (min cosine >= 0.999 on probe texts) or nothing is written.
+    ``history_block``: how the model's user texts are trimmed (default: ``history_block_for`` the tower);
+    a trained tower passes what its training data was rendered with.
     """
     out_dir = Path(out_dir)
     version = version or default_version(base_model)
@@ -107,6 +111,7 @@ def export_artifact(
             prompt_format_version=PROMPT_FORMAT_VERSION,
             pooling=pooling[0] if isinstance(pooling, (list, tuple)) else pooling,
             max_seq_length=model.max_seq_length,
+            history_block=history_block or history_block_for(model),
             training_data_range=training_data_range,
             created_at=datetime.now(UTC),
             onnx={v: _onnx_entry(tmp, ONNX_FILES[v]) for v in variants},

@@ -6,7 +6,7 @@ of the last layer's states (mean pooling) and the token ids encoded so far are k
 text's ids start with the cached ids, only the rest goes through the model, on top of the cached
 keys/values. Anything else (no entry, a different model version, a profile change or a history
 trimmed at the token budget: the ids no longer start with the cached ones) is a full encode that
-repopulates the entry. The tower's own modules after pooling (Dense or Truncate, Normalize) make the
+repopulates the entry; trimming in blocks (``models/render.py``) makes the last one rare. The tower's own modules after pooling (Dense or Truncate, Normalize) make the
 vector, so it equals the full path's. Entries live in an LRU cache bounded in bytes: keys/values are
 large (SmolLM2-135M in fp32: 46 KB a token), so only recently active users stay cached.
 """
@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from models.artifact import ModelArtifact
 from models.encoder import plan_batches
 from models.errors import ModelError
+from models.tower import is_causal
 
 HITS = Counter("onetower_incremental_hits_total", "user re-encodes that reused cached keys/values")
 MISSES = Counter("onetower_incremental_misses_total",
@@ -44,12 +45,6 @@ TOKENS_FULL = Counter("onetower_incremental_tokens_full_total", "tokens a full e
 def default_cache_bytes() -> int:
     """An eighth of this machine's memory: room for the model, the worker and the OS besides."""
     return psutil.virtual_memory().total // 8
-
-
-def is_causal(tower: SentenceTransformer) -> bool:
-    """Whether the tower's transformer attends causally (LLaMA-shaped), which the prefix reuse needs."""
-    flags = [m.is_causal for m in tower[0].auto_model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    return bool(flags) and all(flags)
 
 
 def for_artifact(path: Path, *, max_bytes: int | None = None, kv_dtype: str = "float32") -> IncrementalEncoder | None:

@@ -19,6 +19,13 @@ every history entry starts with the ``[ITEM]`` special token, at which tokenizer
 of a user's text with one more entry start with the tokens of the text before it, token for token
 (BOS at the start only; LLaMA-style tokenizers append no EOS). The rule breaks, by design, when the
 profile changes or the token budget drops the oldest entries; the incremental encoder then encodes in full.
+
+History blocks (``history_block``, a model's property): dropping one oldest entry per new one would
+break the rule at every engagement once a history fills the budget. With blocks of B entries the kept
+history starts at an entry whose number (from the user's first engagement, ``history_offset`` + its
+position) is a multiple of B, so the start moves B entries at once and the next appends are pure again:
+one full encode per B engagements, at the cost of (B-1)/2 fewer entries in the text on average. A
+number, not a position in the capped history, so the history cap dropping an entry shifts nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from models.errors import RenderError
 from streams.counters import COUNTER_NAMES
 
 PROMPT_FORMAT_VERSION = "1"
+HISTORY_BLOCK_CAUSAL = 8  # a causal tower's history is trimmed 8 entries at a time (see History blocks above)
 
 Value = str | int | float | bool
 ITEM_FIELDS = ("title", "name", "type", "category", "author", "genres", "tags", "year", "language", "description", "text")
@@ -122,12 +130,18 @@ def render_user(
     *,
     tokenizer: Tokenizer | None = None,
     max_tokens: int | None = None,
+    history_block: int = 1,
+    history_offset: int = 0,
 ) -> str:
     """User text: profile, then engaged items oldest first, the most recent kept within ``max_tokens``.
 
     ``max_tokens`` counts the tokenizer's own special tokens too, so pass the encoder's
     ``max_seq_length`` and nothing is truncated away by the model (which would cut the newest items).
+    A trimmed history starts at a multiple of ``history_block`` (entries numbered from
+    ``history_offset``, see the module's docstring) when the budget holds more than a block.
     """
+    if history_block < 1 or history_offset < 0:
+        raise RenderError(f"history_block must be >= 1 and history_offset >= 0, got {history_block} and {history_offset}")
     head = "[USER]" + _fields(profile, USER_FIELDS)
     items = [render_item(features) for features in history]
     if not items:
@@ -143,8 +157,20 @@ def render_user(
     while keep < len(items) and lengths[-keep - 1] <= budget:
         budget -= lengths[-keep - 1]
         keep += 1
+    keep = _block_aligned(len(items), keep, history_block, history_offset)
     while True:  # the per-piece sum is exact for marker-delimited pieces; re-check the whole text anyway
         text = head + "".join(items[len(items) - keep :])
         if keep == 0 or len(tokenizer([text], add_special_tokens=True)["input_ids"][0]) <= max_tokens:
             return text
         keep -= 1
+
+
+def _block_aligned(total: int, keep: int, block: int, offset: int) -> int:
+    """How many of the newest ``total`` entries to keep when at most ``keep`` fit: all of them, or the
+    entries from the first block start (entry number ``offset + position``, a multiple of ``block``)
+    among those that fit; ``keep`` itself when no block start is among them."""
+    if keep == total:
+        return keep
+    start = total - keep
+    start += -(offset + start) % block
+    return total - start if start < total else keep

@@ -69,23 +69,28 @@ def _features_by_id(reader: StateReader, item_ids: Sequence[str]) -> dict[str, d
 
 
 def user_text(reader: StateReader, profile: Mapping[str, Any], history: Sequence[str], *,
-              tokenizer: Tokenizer | None = None, max_tokens: int | None = None) -> str:
+              tokenizer: Tokenizer | None = None, max_tokens: int | None = None, history_block: int = 1) -> str:
     """Text of a user given by value (POST /v1/candidates): profile features and engaged item ids,
-    oldest first; items the reader does not know are skipped."""
+    oldest first (the user's whole history: its entries are numbered from 0); items the reader does not
+    know are skipped."""
     features = _features_by_id(reader, history)
-    return render_user(profile, [features[i] for i in history if i in features], tokenizer=tokenizer, max_tokens=max_tokens)
+    return render_user(profile, [features[i] for i in history if i in features], tokenizer=tokenizer,
+                       max_tokens=max_tokens, history_block=history_block)
 
 
 def user_state_texts(reader: StateReader, states: Sequence[UserState | None], *, tokenizer: Tokenizer | None = None,
-                     max_tokens: int | None = None) -> list[str | None]:
-    """Texts of user states (history item features read from ``reader``); None for a user with no state."""
+                     max_tokens: int | None = None, history_block: int = 1) -> list[str | None]:
+    """Texts of user states (history item features read from ``reader``); None for a user with no state.
+    History entries are numbered from the user's first engagement (``UserState.history_offset``)."""
     features = _features_by_id(reader, [h.item_id for st in states if st for h in st.history])
     return [render_user(st.profile, [features[h.item_id] for h in st.history if h.item_id in features],
-                        tokenizer=tokenizer, max_tokens=max_tokens) if st else None
+                        tokenizer=tokenizer, max_tokens=max_tokens, history_block=history_block,
+                        history_offset=st.history_offset) if st else None
             for st in states]
 
 
 def user_texts(reader: StateReader, ids: Sequence[str], *, tokenizer: Tokenizer | None = None,
-               max_tokens: int | None = None) -> list[str | None]:
+               max_tokens: int | None = None, history_block: int = 1) -> list[str | None]:
     """Texts of users in ``ids`` order from their profile and history (see ``user_state_texts``)."""
-    return user_state_texts(reader, reader.users(ids), tokenizer=tokenizer, max_tokens=max_tokens)
+    return user_state_texts(reader, reader.users(ids), tokenizer=tokenizer, max_tokens=max_tokens,
+                            history_block=history_block)

@@ -17,7 +17,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Dense, Module, Normalize, Pooling, Transformer
 
 from models.errors import ModelError
-from models.render import MARKER_TOKENS
+from models.render import HISTORY_BLOCK_CAUSAL, MARKER_TOKENS
 from core.settings import DEFAULT_CACHE_DIR
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -156,3 +156,16 @@ def build_tower(
     tower = SentenceTransformer(modules=modules, device="cpu", similarity_fn_name="cosine")
     tower.eval()
     return tower
+
+
+def is_causal(tower: SentenceTransformer) -> bool:
+    """Whether the tower's transformer attends causally (LLaMA-shaped), which prefix reuse needs."""
+    flags = [m.is_causal for m in tower[0].auto_model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
+
+
+def history_block_for(tower: SentenceTransformer) -> int:
+    """Entries a user's history is trimmed by: in blocks for a causal tower, so its users' appends stay
+    pure and can be encoded incrementally (``models/incremental.py``); one at a time otherwise, which
+    keeps the most history in the text."""
+    return HISTORY_BLOCK_CAUSAL if is_causal(tower) else 1

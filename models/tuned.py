@@ -35,6 +35,7 @@ class TunedTower(BaseModel):
     base_model: str
     dim: int
     max_seq_length: int
+    history_block: int = 1  # as its training data was rendered (models/render.py)
     pooling: Literal["mean", "lasttoken"]
     prompt_format_version: str = PROMPT_FORMAT_VERSION
     training: dict = {}
@@ -136,5 +137,5 @@ def served_artifact(models_dir: Path, tuned_dir: Path | None = None, *, int8: bo
         return ModelArtifact.load(out).path
     span = tower.training.get("train_range")
     artifact = export_artifact(load_tuned(tuned_dir, cache_dir), out, version=tower.version, base_model=tower.base_model, int8=int8,
-                               training_data_range=tuple(datetime.fromisoformat(t) for t in span) if span else None)
+                               history_block=tower.history_block, training_data_range=tuple(datetime.fromisoformat(t) for t in span) if span else None)
     return artifact.path

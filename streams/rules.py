@@ -64,6 +64,13 @@ class UserState:
     history: list[HistoryEntry]  # oldest first, capped at history_len, one entry per item (latest ts)
     updated_ms: int  # event time of the latest profile or engagement event reflected (what the vector shows)
     version: int = 0  # state version (``v``): orders two reads of one user, unlike event times, which may tie
+    engaged: int = 0  # distinct items ever engaged (the uncapped engaged set's size)
+
+    @property
+    def history_offset(self) -> int:
+        """How many of the user's engaged items came before ``history[0]``: with it, each history entry
+        has a number from the user's first engagement that the history cap does not shift."""
+        return max(self.engaged - len(self.history), 0)
 
 
 @dataclass(frozen=True)
@@ -461,7 +468,7 @@ class ReferenceState:
             user = self._users.get(uid)
             self._user_reads[uid] = None if user is None or not user.meta else UserState(
                 user_id=uid, profile=dict(user.profile), history=_zrange(user.history),
-                updated_ms=user.meta.get("ts", -1), version=user.meta.get("v", 0))
+                updated_ms=user.meta.get("ts", -1), version=user.meta.get("v", 0), engaged=len(user.engaged))
         return self._user_reads[uid]
 
     def items(self, ids: Sequence[str]) -> list[ItemState | None]:

@@ -13,7 +13,8 @@ from sentence_transformers import SentenceTransformer
 
 from models.encoder import TorchEncoder
 from models.errors import ModelError
-from models.incremental import IncrementalEncoder, is_causal
+from models.incremental import IncrementalEncoder
+from models.tower import is_causal
 from models.render import render_user
 from models.samples import movie_features, sample_users
 from models.testing import tiny_llama
@@ -70,6 +71,38 @@ def test_a_trimmed_history_breaks_the_prefix(tower: SentenceTransformer) -> None
     before = tokens(tower, sample(tower, profile, history[:6], budget))
     after = tokens(tower, sample(tower, profile, history[:7], budget))
     assert after[: len(before)] != before  # the oldest entry was dropped to make room
+
+
+def blocked(tower: SentenceTransformer, profile: dict, history: list[dict], budget: int, block: int, offset: int = 0) -> str:
+    return render_user(profile, history, tokenizer=tower.tokenizer, max_tokens=budget, history_block=block, history_offset=offset)
+
+
+def test_history_blocks_keep_appends_pure_between_block_moves(tower: SentenceTransformer) -> None:
+    profile, history = user(40)
+    block, budget = 8, len(tokens(tower, sample(tower, profile, history[:16])))
+    moves, kept = {}, {}
+    for size in (1, block):
+        texts = [blocked(tower, profile, history[:k], budget, size) for k in range(len(history) + 1)]
+        starts = [k - text.count("[ITEM]") for k, text in enumerate(texts)]  # the first entry kept
+        for k, text in enumerate(texts):
+            assert len(tokens(tower, text)) <= budget and starts[k] % size == 0
+            assert texts[k] == sample(tower, profile, history[starts[k]:k])  # the newest entries, untrimmed
+        for k in range(len(history)):
+            pure = tokens(tower, texts[k + 1])[: len(tokens(tower, texts[k]))] == tokens(tower, texts[k])
+            assert pure == (starts[k + 1] == starts[k])  # only a move of the start breaks the prefix
+        moves[size] = len(set(starts)) - 1
+        assert 0 < moves[size] <= starts[-1] // size  # every move skips a whole block at least
+        kept[size] = [k - start for k, start in enumerate(starts)]
+    assert moves[1] >= 4 * moves[block]
+    assert all(one - block < blocks <= one for one, blocks in zip(kept[1], kept[block]))  # a block costs < B entries
+
+
+def test_history_blocks_count_from_the_first_engagement_not_the_capped_history(tower: SentenceTransformer) -> None:
+    profile, history = user(40)
+    budget = len(tokens(tower, sample(tower, profile, history[:16])))
+    # The history cap dropped the 5 oldest entries: numbered from 5, they are trimmed where they were.
+    assert blocked(tower, profile, history[5:], budget, 8, offset=5) == blocked(tower, profile, history, budget, 8)
+    assert blocked(tower, profile, history[5:], budget, 8) != blocked(tower, profile, history, budget, 8)
 
 
 def test_appends_equal_the_full_encode_and_compute_only_new_tokens(tower: SentenceTransformer) -> None:

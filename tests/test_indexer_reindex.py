@@ -70,7 +70,7 @@ def test_reindex_rollback_and_cold_start(srv: Settings, models: dict[str, Path],
     encoder = Encoder.load(models["tiny_a"])
     stored = index.get_vectors("items", "tiny_a", ["m3"], strong=True)["m3"]
     np.testing.assert_allclose(stored, encoder.encode(item_texts(store, ["m3"]))[0], atol=1e-5)
-    (text,) = user_texts(store, ["u1"], tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length)
+    (text,) = user_texts(store, ["u1"], tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length, history_block=encoder.history_block)
     assert "Movie 0" in text and "Movie 1" in text and "writer" in text
     assert item_texts(store, ["gone", "counts_only", "nobody"]) == [None, None, None]
 
@@ -85,7 +85,7 @@ def test_reindex_rollback_and_cold_start(srv: Settings, models: dict[str, Path],
     cold = retriever.candidates("u2", 5)
     assert cold.cold_start and cold.version == "tiny_a" and len(cold.items) == 5 and "m2" not in dict(cold.items)
     expected = index.search_items(encoder.encode(user_texts(store, ["u2"], tokenizer=encoder.tokenizer,
-                                                            max_tokens=encoder.max_seq_length))[0], 6)
+                                                            max_tokens=encoder.max_seq_length, history_block=encoder.history_block))[0], 6)
     assert [i for i, _ in cold.items] == [h.id for h in expected if h.id != "m2"][:5]
     with pytest.raises(UnknownUser):
         retriever.candidates("ghost", 5)

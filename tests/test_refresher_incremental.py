@@ -42,7 +42,7 @@ def test_users_are_refreshed_incrementally_with_the_full_paths_vectors(srv: Sett
         r.store.apply(EngagementEvent(user_id="u", item_id=f"m{n}", ts=at(T0 + 1 + n)))
         refresh_users(r)
         vector, updated_at = stored(r.index, "users", encoder.version, "u")
-        text = user_texts(r.store, ["u"], tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length)
+        text = user_texts(r.store, ["u"], tokenizer=encoder.tokenizer, max_tokens=encoder.max_seq_length, history_block=encoder.history_block)
         assert updated_at == T0 + 1 + n
         assert float(vector @ encoder.encode(text)[0]) >= 0.9999
     assert REGISTRY.get_sample_value("onetower_incremental_hits_total") == hits + 2  # the first was a miss

@@ -205,7 +205,7 @@ def assert_examples_are_servings(settings: Settings, events: list[Event], option
                 if row is None:
                     continue
                 user = store.users([e.user_id])[0] or UserState(e.user_id, {}, [], -1)
-                assert row["query"] == user_state_texts(store, [user], tokenizer=tokenizer, max_tokens=options.max_seq_length)[0]
+                assert row["query"] == user_state_texts(store, [user], tokenizer=tokenizer, max_tokens=options.max_seq_length, history_block=options.history_block)[0]
                 assert row["positive"] == positive
                 engaged = store.engaged_items(e.user_id)
                 assert sorted(row["history"]) == sorted(engaged)

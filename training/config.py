@@ -11,6 +11,7 @@ import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import OnetowerError
+from models.render import HISTORY_BLOCK_CAUSAL
 from training.dataset import DatasetOptions
 
 CONFIG_FILE = "training_config.json"  # written next to the trained model: evaluation rebuilds its inputs from it
@@ -40,6 +41,8 @@ class TrainConfig(BaseModel):
     pooling: Literal["mean", "lasttoken"] = "mean"
     dim: int = Field(default=512, ge=8)
     max_seq_length: int = Field(default=256, ge=16)
+    history_block: int = Field(default=1, ge=1, description="entries a user history is trimmed by (models/render.py): "
+                               f"{HISTORY_BLOCK_CAUSAL} for a causal tower served with incremental re-encoding")
     lora: bool = Field(default=False, description="train LoRA adapters instead of all weights: the tower then ships as a few MB (models/tuned.py)")
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
@@ -94,7 +97,7 @@ class TrainConfig(BaseModel):
         """The dataset recipe: negatives are always built for 2, training uses the first ``hard_negatives``."""
         return DatasetOptions(
             hard_negatives=max(2, self.hard_negatives), counts_mode=self.counts_mode, history_len=self.history_len,
-            base_model=self.base_model, max_seq_length=self.max_seq_length, val_fraction=self.val_fraction,
+            base_model=self.base_model, max_seq_length=self.max_seq_length, history_block=self.history_block, val_fraction=self.val_fraction,
             test_fraction=self.test_fraction, seed=self.seed,
             since_ms=_ms(self.since), until_ms=_ms(self.until),
         )

@@ -76,6 +76,8 @@ class DatasetOptions(BaseModel):
                                         "settings.recent_impressions_len: where hard negatives come from")
     base_model: str = Field(default="minilm", description="its tokenizer fits the user text into max_seq_length")
     max_seq_length: int = Field(default=256, ge=16)
+    history_block: int = Field(default=1, ge=1, description="entries the user history is trimmed by at max_seq_length "
+                               "(models/render.py), as the served tower's manifest says")
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     since_ms: int | None = Field(default=None, description="first event time read from impressions/engagements")
@@ -322,7 +324,8 @@ def _example(e: EngagementEvent, state: ReferenceState, catalogue: list[str], op
     if positive is None:
         return None
     user = state.users([e.user_id])[0] or UserState(e.user_id, {}, [], -1)  # no state yet: the empty user text
-    (query,) = user_state_texts(state, [user], tokenizer=tokenizer, max_tokens=options.max_seq_length)
+    (query,) = user_state_texts(state, [user], tokenizer=tokenizer, max_tokens=options.max_seq_length,
+                                history_block=options.history_block)
     engaged = state.engaged_items(e.user_id)
     excluded = engaged | {e.item_id}
     shown = (h.item_id for h in reversed(state.recent_impressions(e.user_id)) if h.item_id not in excluded)  # most recent first

@@ -181,8 +181,8 @@ def tuned_facts(config: TrainConfig, facts: dict, steps: int) -> TunedTower:
     """The shipped tower's description: its base, shape and how it was trained."""
     recipe = config.model_dump(mode="json", exclude={"output_dir", "resume", "export"})
     return TunedTower(version=config.version or default_version(config.base_model), base_model=config.base_model,
-                      dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling,
-                      training={**recipe, **facts, "steps": steps})
+                      dim=config.dim, max_seq_length=config.max_seq_length, history_block=config.history_block,
+                      pooling=config.pooling, training={**recipe, **facts, "steps": steps})
 
 
 def export(model: SentenceTransformer, config: TrainConfig, out_dir: Path, *, training_data_range: list[str] | None = None,
@@ -192,7 +192,7 @@ def export(model: SentenceTransformer, config: TrainConfig, out_dir: Path, *, tr
 
     span = tuple(datetime.fromisoformat(t) for t in training_data_range) if training_data_range else None
     return export_artifact(model, out_dir, version=version or config.version, base_model=config.base_model, int8=int8,
-                           training_data_range=span, overwrite=True)
+                           training_data_range=span, overwrite=True, history_block=config.history_block)
 
 
 def _iso(ms: int) -> str:
