@@ -94,6 +94,8 @@ def evaluate(
     max_queries: Optional[int] = typer.Option(2000, help="score a seeded sample of this many test engagements (0: all)"),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="popularity, ALS and the untuned tower"),
     split: str = typer.Option("test", help="test or val"),
+    only: Optional[str] = typer.Option(None, "--slice", help="score only this slice's engagements ('cold items', "
+                                       "'cold users'); with --max-queries 0, all of them"),
     torch_threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
 ) -> None:
     """Recall@10/50/100 and NDCG@10 over the whole catalogue, overall and on cold slices, at every width."""
@@ -114,7 +116,8 @@ def evaluate(
         torch.set_num_threads(torch_threads)
     cfg = _config(config, {})
     try:
-        table, _ = run_evaluation(get_settings(), cfg, models, out, max_queries=max_queries or None, baselines=baselines, split=split)
+        table, _ = run_evaluation(get_settings(), cfg, models, out, max_queries=max_queries or None, baselines=baselines,
+                                  split=split, only=only)
     except _errors() as exc:
         raise fail(str(exc)) from None
     console.print(table, markup=False, highlight=False)

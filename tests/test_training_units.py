@@ -125,6 +125,20 @@ def test_baselines_see_every_window_before_the_scored_one_and_exclude_what_servi
     assert not ev.slices["cold items"][0]  # c was engaged before the test window
 
 
+def test_an_evaluation_of_one_slice_scores_every_query_of_it_and_only_those(tokenizer):
+    events = items("a", "b", "c") + [EngagementEvent(user_id=f"u{n}", item_id="a", ts=at(1 + n), kind_="like") for n in range(12)]
+    events += [EngagementEvent(user_id=f"u{n}", item_id="b" if n % 2 else "c", ts=at(20 + n), kind_="like") for n in range(8)]
+    data = build_examples(events, DatasetOptions(hard_negatives=0, counts_mode="raw", val_fraction=0.0, test_fraction=0.5), tokenizer)
+    whole = EvalSet.from_dataset(data, "test")
+    cold = EvalSet.from_dataset(data, "test", only="cold items")
+    assert len(whole.queries) == 11 and whole.slices["cold items"].sum() == 8  # three of a's are in the window too
+    assert len(cold.queries) == 8 and cold.slices["cold items"].all()
+    assert cold.key == [k for k, c in zip(whole.key, whole.slices["cold items"]) if c]
+    assert len(EvalSet.from_dataset(data, "test", only="cold items", max_queries=3).queries) == 3
+    with pytest.raises(ValueError, match="unknown slice"):
+        EvalSet.from_dataset(data, "test", only="warm")
+
+
 def test_the_user_text_is_servings_one_entry_per_item_capped_at_history_len(tokenizer):
     events = items("a", "b", "c", "d") + [
         EngagementEvent(user_id="u", item_id="a", ts=at(1), kind_="like"),

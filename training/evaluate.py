@@ -79,21 +79,27 @@ class EvalSet:
 
     @classmethod
     def from_dataset(cls, data: PointInTimeDataset, split: str = "test", *, max_queries: int | None = None,
-                     seed: int = 0) -> "EvalSet":
+                     seed: int = 0, only: str | None = None) -> "EvalSet":
+        """The ``split``'s engagements with a catalogue item (``only``: those of one slice, e.g. every cold-item
+        engagement, since a sample of all leaves too few to measure), a seeded sample of ``max_queries``."""
+        if only is not None and only not in SLICES:
+            raise ValueError(f"unknown slice {only!r}; expected one of {', '.join(SLICES)}")
         table: pa.Table = data.splits[split]
         catalogue = data.catalogues[split]
         ids = catalogue.column("item_id").to_pylist()
         index = {x: i for i, x in enumerate(ids)}
-        items = table.column("item_id").to_pylist()
-        keep = np.array([i for i, x in enumerate(items) if x in index], dtype=np.int64)
+        before = _before(data, split)
+        seen_users = set(before.column("user_id").to_pylist())
+        seen_items = set(before.column("item_id").to_pylist())
+        in_slice = {"overall": lambda user, item: True, "cold items": lambda user, item: item not in seen_items,
+                    "cold users": lambda user, item: user not in seen_users}[only or "overall"]
+        pairs = zip(table.column("user_id").to_pylist(), table.column("item_id").to_pylist())
+        keep = np.array([i for i, (user, item) in enumerate(pairs) if item in index and in_slice(user, item)], dtype=np.int64)
         if max_queries is not None and len(keep) > max_queries:
             keep = np.sort(np.random.default_rng(seed).choice(keep, max_queries, replace=False))
         if len(keep) == 0:
             raise ValueError(f"the {split} window has no engagement with a catalogue item to evaluate")
         rows = table.take(pa.array(keep)).to_pydict()
-        before = _before(data, split)
-        seen_users = set(before.column("user_id").to_pylist())
-        seen_items = set(before.column("item_id").to_pylist())
 
         def idx(xs: list[str]) -> np.ndarray:
             return np.array([index[x] for x in xs if x in index], dtype=np.int64)
@@ -314,13 +320,14 @@ def run_config(directory: Path):
 
 
 def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, max_queries: int | None,
-                   baselines: bool = True, split: str = "test") -> tuple[str, list[Row]]:
-    """The evaluation table (markdown, also written to ``out_dir``) and the recall-by-width plot."""
+                   baselines: bool = True, split: str = "test", only: str | None = None) -> tuple[str, list[Row]]:
+    """The evaluation table (markdown, also written to ``out_dir``) and the recall-by-width plot; ``only``
+    scores the queries of one slice."""
     from models.tower import build_tower
     from training.dataset import load_or_build
 
     data = load_or_build(settings, config.dataset_options())
-    ev = EvalSet.from_dataset(data, split, max_queries=max_queries, seed=config.seed)
+    ev = EvalSet.from_dataset(data, split, max_queries=max_queries, seed=config.seed, only=only)
     methods: dict[str, Callable[[], dict[int | None, np.ndarray]]] = {}
     notes: list[str] = []
     if baselines:
@@ -339,7 +346,8 @@ def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, 
                         cache_dir=settings.cache_dir), ev)
     for label, directory in models.items():
         trained = run_config(directory)
-        variant = EvalSet.from_dataset(load_or_build(settings, trained.dataset_options()), split, max_queries=max_queries, seed=config.seed)
+        variant = EvalSet.from_dataset(load_or_build(settings, trained.dataset_options()), split, max_queries=max_queries,
+                                       seed=config.seed, only=only)
         if variant.key != ev.key or variant.catalogue_ids != ev.catalogue_ids:
             raise ValueError(f"model {label!r} was trained on other events or another split than {config.output_dir}'s config")
         methods[label] = lambda directory=directory, variant=variant: tower_scores(load_trained(directory), variant)
@@ -348,7 +356,7 @@ def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "evaluation.md").write_text(table)
     (out_dir / "evaluation.json").write_text(json.dumps(
-        {"split": split, "queries": len(ev.queries), "slices": {n: int(m.sum()) for n, m in ev.slices.items()}, "notes": notes,
+        {"split": split, "only": only, "queries": len(ev.queries), "slices": {n: int(m.sum()) for n, m in ev.slices.items()}, "notes": notes,
          "rows": [{"method": r.method, "width": r.width, "results": r.results} for r in rows]}, indent=1))
     plot_recall_by_width(rows, out_dir / "recall_by_width.png")
     return table, rows
