@@ -54,10 +54,13 @@ def test_bad_config_is_one_clear_error(tmp_path):
 
 # ---------------------------------------------------------------- nothing from the future reaches an example
 
+import hashlib  # noqa: E402
+import json  # noqa: E402
 from datetime import datetime, timedelta, timezone  # noqa: E402
 
 from streams.events import EngagementEvent, ImpressionEvent, ItemEvent  # noqa: E402
-from training.dataset import DatasetOptions, build_examples  # noqa: E402
+from models.render import PROMPT_FORMAT_VERSION  # noqa: E402
+from training.dataset import DATASET_FORMAT_VERSION, DatasetOptions, build_examples, fingerprint  # noqa: E402
 from training.evaluate import EvalSet, popularity_scores, recent_popularity_scores  # noqa: E402
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
@@ -166,3 +169,12 @@ def test_recent_popularity_counts_only_the_week_before_the_scored_window(tokeniz
     assert dict(zip(ev.catalogue_ids, recent_popularity_scores(data, ev)[0])) == {"a": 0.0, "b": 2.0, "c": 0.0}
     assert dict(zip(ev.catalogue_ids, popularity_scores(data, ev)[0])) == {"a": 6.0, "b": 2.0, "c": 0.0}
 
+
+
+def test_the_dataset_fingerprint_follows_the_history_block_and_keeps_older_caches():
+    plain, blocked = DatasetOptions(), DatasetOptions(history_block=8)
+    assert fingerprint({}, blocked) != fingerprint({}, plain)
+    # history_block 1 is what datasets built before the field existed hold: their digest is unchanged
+    legacy = {"offsets": [], "options": plain.model_dump(mode="json", exclude={"history_block"}),
+              "prompt_format": PROMPT_FORMAT_VERSION, "dataset_format": DATASET_FORMAT_VERSION}
+    assert fingerprint({}, plain) == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]

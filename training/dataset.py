@@ -371,7 +371,8 @@ def fingerprint(ranges: dict[TopicPartition, tuple[int, int]], options: DatasetO
     """A digest of what the examples depend on: topic offsets, options, prompt and recipe versions."""
     payload = {
         "offsets": sorted([tp.topic, tp.partition, *r] for tp, r in ranges.items()),
-        "options": options.model_dump(mode="json"),
+        # history_block 1 renders what datasets built before the field existed hold: their caches stay valid
+        "options": options.model_dump(mode="json", exclude={"history_block"} if options.history_block == 1 else None),
         "prompt_format": PROMPT_FORMAT_VERSION,
         "dataset_format": DATASET_FORMAT_VERSION,
     }
