@@ -216,7 +216,8 @@ def steady(s: Settings, rate: float, seconds: float, workload: Workload, seed: i
         while sent < len(plan):
             elapsed = time.monotonic() - start
             if at_lead is not None and elapsed >= lead_s:
-                at_lead, _ = None, at_lead()
+                at_lead()
+                at_lead = None
             while sent < len(plan) and plan[sent][0] <= elapsed:
                 producer.send(EngagementEvent(user_id=plan[sent][1], item_id=plan[sent][2]))
                 sent += 1

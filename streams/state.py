@@ -195,6 +195,11 @@ def _digest(event: Event) -> str:
     return hashlib.blake2b(event.model_dump_json().encode(), digest_size=8).hexdigest()
 
 
+def _counters(buckets: Sequence[Mapping[bytes, bytes]], as_of_ms: int) -> dict[str, int]:
+    """An item's counters from its hour buckets as read, one hash per signal in ``SIGNALS`` order."""
+    return counters_as_of({signal: {int(b): int(c) for b, c in raw.items()} for signal, raw in zip(SIGNALS, buckets)}, as_of_ms)
+
+
 def _decode_features(raw: Mapping[bytes, bytes]) -> dict[str, Any]:
     return {k.decode(): json.loads(v) for k, v in raw.items()}
 
@@ -375,9 +380,8 @@ class StateStore:
             if not meta:
                 out.append(None)
                 continue
-            counts = {signal: {int(b): int(c) for b, c in raw.items()} for signal, raw in zip(SIGNALS, buckets)}
             out.append(ItemState(item_id=iid, features=_decode_features(features),
-                                 counters=counters_as_of(counts, int(meta.get(b"cts", -1))),
+                                 counters=_counters(buckets, int(meta.get(b"cts", -1))),
                                  deleted=meta.get(b"deleted") == b"1", updated_ms=int(meta.get(b"ts", -1)),
                                  version=int(meta.get(b"v", 0))))
         return out
@@ -394,8 +398,7 @@ class StateStore:
         out: dict[str, dict[str, int]] = {}
         for iid, ((cts, deleted), has_features, *buckets) in self._snapshots(ids, read).items():
             if has_features and deleted != b"1":
-                counts = {signal: {int(b): int(c) for b, c in raw.items()} for signal, raw in zip(SIGNALS, buckets)}
-                out[iid] = counters_as_of(counts, int(cts or -1))
+                out[iid] = _counters(buckets, int(cts or -1))
         return out
 
     def _scan_ids(self, entity: str) -> Iterator[str]:
