@@ -11,9 +11,14 @@ added to per-minute Redis hashes, so every worker and ``onetower quality`` read 
 windows; shadow and active ranks of the same engagement are also kept as pairs, which is what a
 re-index compares before promoting (``promotion_check``).
 
+Live recall measures the model and the freshness of its vectors together: a vector written before the
+user's last engagements ranks with a history that misses them. The vector's lag (the user's state
+changes since the state it was written from) is recorded for every probe, and the probes whose vector
+was current (lag 0) are also counted apart (``fresh``), so a low figure says which of the two is short.
+
 Redis keys (``P`` = ``settings.redis_key_prefix``): ``P lr:<version>:<minute>`` hash of
-``n`` (scored) and ``m<k>`` / ``p<k>`` (model / popularity hits at k), expiring after the longest
-window; ``P lr:versions`` set of versions scored; ``P lr:pairs:<version>`` list of
+``n`` (scored) and ``m<k>`` / ``p<k>`` (model / popularity hits at k), the same prefixed ``f`` for
+probes with a current vector, expiring after the longest window; ``P lr:versions`` set of versions scored; ``P lr:pairs:<version>`` list of
 "active rank,shadow rank" (0 = beyond ``DEPTH``), newest first, capped.
 """
 
@@ -23,7 +28,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -63,13 +68,15 @@ class Probe:
 
 @dataclass(frozen=True)
 class Figures:
-    """Live recall of one version over one window, with popularity on the same engagements."""
+    """Live recall of one version over one window, with popularity on the same engagements; ``fresh``:
+    the same over the engagements whose user vector was current (None in the ``fresh`` figures themselves)."""
 
     version: str
     window: str
     scored: int
     recall: dict[int, float]
     popularity: dict[int, float]
+    fresh: Figures | None = None
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,9 @@ class LiveRecall:
         self._tokens, self._tokens_at = settings.live_recall_max_per_s, time.monotonic()
 
     def snapshot(self, events: Sequence[EngagementEvent]) -> list[Probe]:
-        """Probes for a sample of ``events`` (in order, none applied yet): an engagement's seen set holds
-        the user's earlier ones in the batch too; an item already seen is skipped (serving never offers it)."""
+        """Probes for a sample of ``events`` (in order, none applied yet): an engagement's seen set and
+        state version count the user's earlier ones in the batch too; an item already seen is skipped
+        (serving never offers it)."""
         if time.monotonic() < self._off_until:
             return []
         sampled = [n for n in range(len(events)) if self._rng.random() < self.settings.live_recall_sample_rate]
@@ -139,6 +147,8 @@ class LiveRecall:
                     probes.append(Probe(ev.user_id, ev.item_id, frozenset(before), state[ev.user_id], active,
                                         (active, *shadows)))
             before.add(ev.item_id)
+            if ev.user_id in state:
+                state[ev.user_id] += 1  # every engagement bumps the user's state version (streams/rules.py)
         return probes
 
     def _allow(self, wanted: int) -> int:
@@ -155,20 +165,27 @@ class LiveRecall:
     def score(self, probes: Sequence[Probe]) -> None:
         """Rank each probe's item in every version that holds a vector of the user from before the
         engagement, and by popularity; record."""
-        vectors = self._vectors(probes)
+        vectors, written = self._vectors(probes)
         pipe = self.store.r.pipeline(transaction=False)
         minute = int(time.time()) // MINUTE_S
         ttl = max(WINDOWS_S.values()) + MINUTE_S
         for probe in probes:
             started = time.perf_counter()
             popular = self._popularity_rank(probe)
-            ranks = {v: self._rank(v, vectors[v][probe.user_id], probe) for v in probe.versions if probe.user_id in vectors[v]}
+            # a vector written from a newer state than the probe's shows the engagement: the refresher got there first
+            at = {v: written[v][probe.user_id] for v in probe.versions
+                  if probe.user_id in vectors[v] and written[v][probe.user_id] <= probe.state_version}
+            ranks = {v: self._rank(v, vectors[v][probe.user_id], probe) for v in at}
             if not ranks:
                 metrics.LIVE_RECALL_SKIPPED.labels("no_vector").inc()
             for version, rank in ranks.items():
                 key = self.store._q(f"lr:{version}:{minute}")
-                for field in ["n", *_hit_fields("m", rank), *_hit_fields("p", popular)]:
+                lag = probe.state_version - at[version] if at[version] >= 0 else None  # None: not recorded
+                fields = ["n", *_hit_fields("m", rank), *_hit_fields("p", popular)]
+                for field in fields + ([f"f{f}" for f in fields] if lag == 0 else []):
                     pipe.hincrby(key, field, 1)
+                if lag is not None:
+                    metrics.LIVE_RECALL_VECTOR_LAG.labels(version).observe(lag)
                 pipe.expire(key, ttl)
                 pipe.sadd(self.store._q("lr:versions"), version)
                 metrics.LIVE_RECALL_RANK.labels(version).observe(rank if rank is not None else DEPTH + 1)
@@ -195,19 +212,13 @@ class LiveRecall:
                 self._versions, self._versions_at = (active, shadows), time.monotonic()
             return self._versions
 
-    def _vectors(self, probes: Sequence[Probe]) -> dict[str, dict[str, np.ndarray]]:
-        """Per version, the probes' users' stored vectors, less those written from a state newer than a
-        probe's (the refresher got there first: the vector shows the engagement). The vector is read
-        before its state version: the refresher records the version before it upserts."""
+    def _vectors(self, probes: Sequence[Probe]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, int]]]:
+        """Per version, the probes' users' stored vectors and the state version each was written from (-1:
+        not recorded). The vector is read before its state version: writers record the version before they upsert."""
         users = list(dict.fromkeys(p.user_id for p in probes))
         versions = list(dict.fromkeys(v for p in probes for v in p.versions))
         found = {v: self.index.get_vectors("users", v, users) for v in versions}
-        written = {v: self.store.written_versions(v, "users", users) for v in versions}
-        for probe in probes:
-            for v in probe.versions:
-                if written[v][probe.user_id] > probe.state_version:
-                    found[v].pop(probe.user_id, None)
-        return found
+        return found, {v: self.store.written_versions(v, "users", users) for v in versions}
 
     def _rank(self, version: str, vector: np.ndarray, probe: Probe) -> int | None:
         """1-based rank of the item among ``version``'s candidates for the user, None beyond DEPTH."""
@@ -256,10 +267,14 @@ def figures(store: StateStore, now_s: float | None = None) -> list[Figures]:
             for bucket in minutes[:seconds // MINUTE_S]:
                 for field, count in bucket.items():
                     total[field.decode()] = total.get(field.decode(), 0) + int(count)
-            scored = total.get("n", 0)
-            rate = lambda field: total.get(field, 0) / scored if scored else 0.0  # noqa: E731
-            out.append(Figures(version, window, scored, {k: rate(f"m{k}") for k in KS}, {k: rate(f"p{k}") for k in KS}))
+            out.append(replace(_figures(version, window, total, ""), fresh=_figures(version, window, total, "f")))
     return out
+
+
+def _figures(version: str, window: str, total: dict[str, int], prefix: str) -> Figures:
+    scored = total.get(f"{prefix}n", 0)
+    rate = lambda field: total.get(f"{prefix}{field}", 0) / scored if scored else 0.0  # noqa: E731
+    return Figures(version, window, scored, {k: rate(f"m{k}") for k in KS}, {k: rate(f"p{k}") for k in KS})
 
 
 def compare(store: StateStore, candidate: str, active: str, n: int, k: int = 10) -> Comparison:

@@ -117,7 +117,8 @@ def _worker(settings: Settings, model_dir: Path) -> Iterator[subprocess.Popen]:
     """A stream worker in its own process (as in production), stopped with SIGTERM."""
     log = settings.state_dir / "logs" / "demo-worker.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **_env(settings)}
+    # the demo scores every engagement of its live window for live recall, where a production worker samples
+    env = {**os.environ, **_env(settings.model_copy(update={"live_recall_sample_rate": 1.0}))}
     with open(log, "ab") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "onetower", "worker", "--model", str(model_dir)],
                                 stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -212,7 +213,9 @@ def _live_recall(store, version: str) -> None:
         return
     f = found[0]
     console.print(f"live recall@10 of {version} (last 24 h): {f.recall[10]:.3f} on {f.scored:,} engagements scored "
-                  f"(popularity {f.popularity[10]:.3f} on the same); `onetower quality` for more")
+                  f"(popularity {f.popularity[10]:.3f} on the same); with the user's vector current: "
+                  f"{f.fresh.recall[10]:.3f} on {f.fresh.scored:,} (popularity {f.fresh.popularity[10]:.3f}); "
+                  f"`onetower quality` for more")
 
 
 def ready_group_lag(settings: Settings, group: str, timeout_s: float = 120.0) -> int:

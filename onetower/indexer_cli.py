@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 from onetower.cli_common import console, fail
 from core.settings import get_settings
+
+if TYPE_CHECKING:
+    from indexer.live_recall import Figures
 
 app = typer.Typer()
 
@@ -59,16 +62,22 @@ def quality(as_json: bool = typer.Option(False, "--json", help="print JSON inste
     except redis.RedisError as exc:
         raise fail(f"Redis at {settings.redis_url_masked} failed: {exc}") from None
     if as_json:
-        print(json.dumps([{"version": f.version, "window": f.window, "scored": f.scored,
-                           "recall": {str(k): v for k, v in f.recall.items()},
-                           "popularity": {str(k): v for k, v in f.popularity.items()}} for f in rows]))
+        print(json.dumps([{**_figures_json(f), "fresh": _figures_json(f.fresh)} for f in rows]))
         return
     table = Table("version", "window", "scored", *(f"R@{k}" for k in KS), *(f"pop R@{k}" for k in KS),
-                  title="live recall (engaged item among the candidates just before the engagement)")
+                  "current vector", "R@10", "pop R@10",
+                  title="live recall (engaged item among the candidates just before the engagement; "
+                        "current vector: the engagements whose user vector missed none of the user's earlier ones)")
     for f in rows:
         table.add_row(f.version, f.window, str(f.scored), *(f"{f.recall[k]:.3f}" for k in KS),
-                      *(f"{f.popularity[k]:.3f}" for k in KS))
+                      *(f"{f.popularity[k]:.3f}" for k in KS), str(f.fresh.scored), f"{f.fresh.recall[10]:.3f}",
+                      f"{f.fresh.popularity[10]:.3f}")
     console.print(table)
+
+
+def _figures_json(f: Figures) -> dict:
+    return {"version": f.version, "window": f.window, "scored": f.scored, "recall": {str(k): v for k, v in f.recall.items()},
+            "popularity": {str(k): v for k, v in f.popularity.items()}}
 
 
 @app.command()

@@ -34,6 +34,9 @@ LIVE_RECALL_WINDOW_SCORED = Gauge("onetower_live_recall_window_scored", "engagem
                                   ["version", "window"])
 LIVE_RECALL_RANK = Histogram("onetower_live_recall_rank", "rank of the engaged item among the version's candidates "
                              "just before (101 = beyond 100)", ["version"], buckets=(1, 5, 10, 20, 50, 100, float("inf")))
+LIVE_RECALL_VECTOR_LAG = Histogram("onetower_live_recall_vector_lag", "user state changes (engagements, profile updates) "
+                                   "the scored user vector missed (0 = current)", ["version"],
+                                   buckets=(0, 1, 2, 5, 10, 20, 50, float("inf")))
 LIVE_RECALL_SCORED = Counter("onetower_live_recall_scored_total", "engagements scored by this worker, per version", ["version"])
 LIVE_RECALL_SKIPPED = Counter("onetower_live_recall_skipped_total", "sampled engagements not scored, by reason "
                               "(seen, no_vector, rate, backlog)", ["reason"])
