@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -184,6 +185,11 @@ def test_evaluation_table_has_baselines_slices_and_widths(stack_world, data, tra
         assert f"### {name}" in table
     assert methods["popularity"].results["overall"]["recall@10"] == pytest.approx(popularity_recall_by_hand(stack_world[1], data, 10))
     assert (tmp_path / "recall_by_width.png").stat().st_size > 0
+    low, high = methods["fine-tuned"].intervals["overall"]["recall@100"]
+    assert low <= methods["fine-tuned"].results["overall"]["recall@100"] <= high
+    paired = json.loads((tmp_path / "evaluation.json").read_text())["paired"]  # the tuned tower at its full width, same queries
+    assert {(c["method"], c["reference"]) for c in paired} == {("fine-tuned", "ALS (implicit)"), ("fine-tuned", f"untuned {config.base_model} tower")}
+    assert "paired bootstrap" in table and len(paired) == 2 * 3 * 3  # references x slices x k
 
 
 def popularity_recall_by_hand(events: list[Event], data: PointInTimeDataset, k: int) -> float:

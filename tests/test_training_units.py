@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training.config import ConfigError, load_config
-from training.evaluate import metrics, ranks
+from training.evaluate import difference_interval, metrics, ranks, recall_interval
 
 
 def test_ranks_and_metrics_on_a_hand_built_case():
@@ -21,6 +21,22 @@ def test_ranks_and_metrics_on_a_hand_built_case():
     assert m["recall@1"] == pytest.approx(1 / 3)
     assert m["recall@3"] == pytest.approx(2 / 3)
     assert m["ndcg@10"] == pytest.approx((1.0 + 1 / np.log2(5) + 1 / np.log2(4)) / 3)
+
+
+def test_bootstrap_intervals_hold_the_recall_and_say_which_differences_are_noise():
+    rng = np.random.default_rng(0)
+    rank = rng.integers(1, 40, 400)  # recall@10 about 0.23
+    low, high = recall_interval(rank, 10)
+    assert low < metrics(rank)["recall@10"] < high and high - low < 0.1
+    assert recall_interval(np.full(50, 500), 10) == (0.0, 0.0)  # never a hit: nothing to be unsure of
+    better = np.where(rng.random(400) < 0.5, 1, rank)  # half the queries moved to rank 1
+    low, high = difference_interval(better, rank, 10)
+    assert low > 0  # a real improvement: the paired interval excludes zero
+    noise = rank.copy()
+    noise[:2] = 1  # two queries of 400 moved: the interval holds zero
+    low, high = difference_interval(noise, rank, 10)
+    assert low <= 0 <= high
+    assert np.isnan(recall_interval(rank[:1], 10)).all()  # one query: no interval
 
 
 def test_a_diverged_model_scores_no_hit():

@@ -8,6 +8,11 @@ index held it at the window's start. One exclusion rule for every method, the on
 everything before the scored window (train + validation when scoring test), which is what the
 tower's catalogue counters and user histories see too. Cold slices: target items never engaged
 before the window, users without an engagement before it.
+
+Every recall comes with a 95% bootstrap interval over the queries, and each tuned tower is compared
+with ALS and the untuned tower on the same queries (paired bootstrap of the difference): a slice of a
+few dozen queries moves by several points with one query, and the intervals say which differences
+are more than that.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 from scipy.sparse import csr_matrix
+from scipy.stats import bootstrap
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
 
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 KS = (10, 50, 100)
 NDCG_K = 10
 SLICES = ("overall", "cold items", "cold users")
+RESAMPLES = 1000  # bootstrap resamples of the queries (seeded): intervals reproduce run to run
 
 
 def widths_for(full: int, widths: Iterable[int] = MATRYOSHKA_WIDTHS) -> list[int]:
@@ -61,6 +68,33 @@ def metrics(rank: np.ndarray, ks: Iterable[int] = KS) -> dict[str, float]:
     out = {f"recall@{k}": float(np.mean(rank <= k)) for k in ks}
     out[f"ndcg@{NDCG_K}"] = float(np.mean(np.where(rank <= NDCG_K, 1.0 / np.log2(rank + 1), 0.0)))
     return out
+
+
+def _mean(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+    return samples[0].mean(axis=axis)
+
+
+def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    return a.mean(axis=axis) - b.mean(axis=axis)
+
+
+def recall_interval(rank: np.ndarray, k: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of recall@k over the queries (nan for no query)."""
+    if len(rank) < 2:
+        return float("nan"), float("nan")
+    ci = bootstrap(((rank <= k).astype(np.float64),), _mean, n_resamples=RESAMPLES, method="percentile",
+                   vectorized=True, rng=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
+def difference_interval(rank: np.ndarray, reference: np.ndarray, k: int, seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of recall@k(rank) - recall@k(reference) over the same queries."""
+    if len(rank) < 2:
+        return float("nan"), float("nan")
+    ci = bootstrap(((rank <= k).astype(np.float64), (reference <= k).astype(np.float64)), _mean_difference,
+                   paired=True, n_resamples=RESAMPLES, method="percentile", vectorized=True,
+                   rng=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 @dataclass
@@ -116,8 +150,12 @@ class EvalSet:
 
     def score_metrics(self, scores: np.ndarray) -> dict[str, dict[str, float]]:
         """Metrics per slice of one score matrix."""
-        rank = ranks(scores, self.target, self.history)
+        rank = self.ranks(scores)
         return {name: metrics(rank[mask]) for name, mask in self.slices.items()}
+
+    def ranks(self, scores: np.ndarray) -> np.ndarray:
+        """Each query's target rank under one score matrix (the exclusion rule applied)."""
+        return ranks(scores, self.target, self.history)
 
 
 # ---------------------------------------------------------------- methods
@@ -232,30 +270,86 @@ class Row:
     method: str
     width: int | None  # None for baselines without embeddings of a width
     results: dict[str, dict[str, float]]  # slice -> metric -> value
+    intervals: dict[str, dict[str, tuple[float, float]]]  # slice -> recall@k -> 95% bootstrap interval
+    rank: np.ndarray  # every query's target rank, for paired comparisons on the same queries
+    tuned: bool = False  # a trained tower (compared with the references) rather than a baseline
 
 
-def evaluate_methods(ev: EvalSet, methods: dict[str, Callable[[], dict[int | None, np.ndarray]]]) -> list[Row]:
-    """Rows for every method at every width it offers."""
-    rows = []
+@dataclass
+class Comparison:
+    """A tuned tower against a reference on the same queries of one slice."""
+
+    method: str
+    reference: str
+    slice: str
+    k: int
+    difference: float
+    interval: tuple[float, float]  # 95% paired bootstrap
+
+
+def make_row(ev: EvalSet, method: str, width: int | None, scores: np.ndarray, *, tuned: bool = False) -> Row:
+    rank = ev.ranks(scores)
+    results = {name: metrics(rank[mask]) for name, mask in ev.slices.items()}
+    intervals = {name: {f"recall@{k}": recall_interval(rank[mask], k) for k in KS} for name, mask in ev.slices.items()}
+    return Row(method, width, results, intervals, rank, tuned)
+
+
+def evaluate_methods(ev: EvalSet, methods: dict[str, Callable[[], dict[int | None, np.ndarray]]],
+                     tuned: Iterable[str] = ()) -> list[Row]:
+    """Rows for every method at every width it offers; ``tuned`` names the trained towers."""
+    rows, tuned = [], set(tuned)
     for name, scorer in methods.items():
         log.info("evaluating %s", name)
         for width, scores in scorer().items():
-            rows.append(Row(name, width, ev.score_metrics(scores)))
+            rows.append(make_row(ev, name, width, scores, tuned=name in tuned))
     return rows
 
 
-def markdown(rows: list[Row], ev: EvalSet) -> str:
-    """One table per slice: method, width, recall@10/50/100, NDCG@10."""
+def _full_width(rows: list[Row], method: str) -> Row | None:
+    mine = [r for r in rows if r.method == method]
+    return max(mine, key=lambda r: r.width or 0) if mine else None
+
+
+def comparisons(rows: list[Row], ev: EvalSet, references: Iterable[str]) -> list[Comparison]:
+    """Each tuned tower (full width) minus each reference (a tower at its full width) on every slice and k."""
+    out = []
+    for method in dict.fromkeys(r.method for r in rows if r.tuned):
+        row = _full_width(rows, method)
+        for reference in filter(None, (_full_width(rows, name) for name in references)):
+            for name, mask in ev.slices.items():
+                for k in KS:
+                    diff = row.results[name][f"recall@{k}"] - reference.results[name][f"recall@{k}"]
+                    out.append(Comparison(method, reference.method, name, k, diff,
+                                          difference_interval(row.rank[mask], reference.rank[mask], k)))
+    return out
+
+
+def _cell(value: float, interval: tuple[float, float] | None = None) -> str:
+    if np.isnan(value):
+        return "—"
+    return f"{value:.4f}" if interval is None else f"{value:.4f} ({interval[0]:.3f}–{interval[1]:.3f})"
+
+
+def markdown(rows: list[Row], ev: EvalSet, compared: list[Comparison] = ()) -> str:
+    """One table per slice: method, width, recall@10/50/100 with 95% intervals, NDCG@10; then the paired differences."""
     cols = [f"recall@{k}" for k in KS] + [f"ndcg@{NDCG_K}"]
-    parts = []
+    parts = [f"Recall cells: value (95% bootstrap interval over the queries, {RESAMPLES} resamples).\n"]
     for name in SLICES:
         n = int(ev.slices[name].sum())
         parts.append(f"### {name} (n={n} queries)\n")
         parts.append("| method | width | " + " | ".join(cols) + " |")
         parts.append("|---|---:|" + "---:|" * len(cols))
         for row in rows:
-            values = " | ".join("—" if np.isnan(row.results[name][c]) else f"{row.results[name][c]:.4f}" for c in cols)
+            values = " | ".join(_cell(row.results[name][c], row.intervals[name].get(c)) for c in cols)
             parts.append(f"| {row.method} | {row.width or '—'} | {values} |")
+        parts.append("")
+    if compared:
+        parts.append("### tuned towers against references, same queries (paired bootstrap)\n")
+        parts.append("| slice | tower | reference | k | recall difference | 95% interval |")
+        parts.append("|---|---|---|---:|---:|---|")
+        for c in compared:
+            parts.append(f"| {c.slice} | {c.method} | {c.reference} | {c.k} | {c.difference:+.4f} | "
+                         f"{c.interval[0]:+.3f} to {c.interval[1]:+.3f} |")
         parts.append("")
     return "\n".join(parts)
 
@@ -330,6 +424,7 @@ def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, 
     ev = EvalSet.from_dataset(data, split, max_queries=max_queries, seed=config.seed, only=only)
     methods: dict[str, Callable[[], dict[int | None, np.ndarray]]] = {}
     notes: list[str] = []
+    untuned = f"untuned {config.base_model} tower"
     if baselines:
         methods["popularity"] = lambda: {None: popularity_scores(data, ev)}
         methods["popularity, last 7 days"] = lambda: {None: recent_popularity_scores(data, ev)}
@@ -341,7 +436,7 @@ def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, 
             return {None: scores}
 
         methods["ALS (implicit)"] = als
-        methods[f"untuned {config.base_model} tower"] = lambda: tower_scores(
+        methods[untuned] = lambda: tower_scores(
             build_tower(config.base_model, dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling,
                         cache_dir=settings.cache_dir), ev)
     for label, directory in models.items():
@@ -351,12 +446,14 @@ def run_evaluation(settings, config, models: dict[str, Path], out_dir: Path, *, 
         if variant.key != ev.key or variant.catalogue_ids != ev.catalogue_ids:
             raise ValueError(f"model {label!r} was trained on other events or another split than {config.output_dir}'s config")
         methods[label] = lambda directory=directory, variant=variant: tower_scores(load_trained(directory), variant)
-    rows = evaluate_methods(ev, methods)
-    table = markdown(rows, ev) + "".join(f"\n{n}" for n in notes) + "\n"
+    rows = evaluate_methods(ev, methods, tuned=models)
+    compared = comparisons(rows, ev, ["ALS (implicit)", untuned])
+    table = markdown(rows, ev, compared) + "".join(f"\n{n}" for n in notes) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "evaluation.md").write_text(table)
     (out_dir / "evaluation.json").write_text(json.dumps(
         {"split": split, "only": only, "queries": len(ev.queries), "slices": {n: int(m.sum()) for n, m in ev.slices.items()}, "notes": notes,
-         "rows": [{"method": r.method, "width": r.width, "results": r.results} for r in rows]}, indent=1))
+         "rows": [{"method": r.method, "width": r.width, "results": r.results, "intervals95": r.intervals} for r in rows],
+         "paired": [vars(c) for c in compared]}, indent=1))
     plot_recall_by_width(rows, out_dir / "recall_by_width.png")
     return table, rows
