@@ -91,8 +91,9 @@ def read_tuned(path: Path) -> TunedTower:
         raise ModelError(f"{path}: not a tuned tower (no {TUNED_FILE})") from None
 
 
-def load_tuned(path: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> SentenceTransformer:
-    """The merged tuned tower on CPU, in eval mode (``cache_dir``: where converted base models live)."""
+def load_tuned(path: Path, cache_dir: Path = DEFAULT_CACHE_DIR, *, trainable: bool = False) -> SentenceTransformer:
+    """The merged tuned tower on CPU, in eval mode (``cache_dir``: where converted base models live); with
+    ``trainable`` the adapter stays unmerged and trainable, for training to continue from it."""
     from peft import PeftModel
 
     path = Path(path)
@@ -102,9 +103,11 @@ def load_tuned(path: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> SentenceTrans
     model = build_tower(tower.base_model, dim=tower.dim, max_seq_length=tower.max_seq_length, pooling=tower.pooling,
                         cache_dir=cache_dir)
     transformer = model[0]
-    transformer.model = PeftModel.from_pretrained(transformer.auto_model, str(path / ADAPTER_DIR)).merge_and_unload()
+    adapted = PeftModel.from_pretrained(transformer.auto_model, str(path / ADAPTER_DIR), is_trainable=trainable)
+    transformer.model = adapted if trainable else adapted.merge_and_unload()
     _head(model).load_state_dict(load_file(str(path / HEAD_FILE)), strict=True)
-    model.eval()
+    if not trainable:
+        model.eval()
     return model
 
 

@@ -190,7 +190,40 @@ def test_recent_popularity_counts_only_the_week_before_the_scored_window(tokeniz
 def test_the_dataset_fingerprint_follows_the_history_block_and_keeps_older_caches():
     plain, blocked = DatasetOptions(), DatasetOptions(history_block=8)
     assert fingerprint({}, blocked) != fingerprint({}, plain)
-    # history_block 1 is what datasets built before the field existed hold: their digest is unchanged
-    legacy = {"offsets": [], "options": plain.model_dump(mode="json", exclude={"history_block"}),
+    assert fingerprint({}, DatasetOptions(counter_dropout=0.2)) != fingerprint({}, plain)
+    # history_block 1 and no counter dropout are what datasets built before the fields existed hold: their digest is unchanged
+    legacy = {"offsets": [], "options": plain.model_dump(mode="json", exclude={"history_block", "counter_dropout"}),
               "prompt_format": PROMPT_FORMAT_VERSION, "dataset_format": DATASET_FORMAT_VERSION}
     assert fingerprint({}, plain) == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_counter_dropout_writes_training_items_with_a_cold_items_counters_and_leaves_evaluation_alone(tokenizer):
+    events = items("a", "b", "c") + [EngagementEvent(user_id=f"u{n}", item_id="abc"[n % 3], ts=at(1 + n), kind_="like")
+                                     for n in range(30)]
+    options = DatasetOptions(hard_negatives=1, counts_mode="raw", val_fraction=0.0, test_fraction=0.2)
+    plain = build_examples(events, options, tokenizer)
+    cold = build_examples(events, options.model_copy(update={"counter_dropout": 0.999}), tokenizer)
+    train = cold.splits["train"].to_pylist()
+    assert all("[ENGAGEMENTS_7D] 0" in r["positive"] and "[ENGAGEMENTS_7D] 0" in r["negative_1"] for r in train)
+    assert any("[ENGAGEMENTS_7D] 0" not in r["positive"] for r in plain.splits["train"].to_pylist()[3:])  # counts were there
+    assert cold.splits["test"].equals(plain.splits["test"]) and cold.catalogues["test"].equals(plain.catalogues["test"])
+    assert [r["query"] for r in train] == [r["query"] for r in plain.splits["train"].to_pylist()]  # users unchanged
+
+
+def test_training_can_continue_from_a_shipped_tower(tmp_path):
+    from core.errors import OnetowerError
+    from core.settings import Settings
+    from models.tuned import load_tuned, shipped
+    from training.config import TrainConfig
+    from training.train import initial_model
+
+    config = TrainConfig(lora=True, init_from=shipped(), output_dir=tmp_path)
+    model = initial_model(config, Settings())
+    assert any("lora_" in name for name, p in model.named_parameters() if p.requires_grad)  # the adapter trains on
+    texts = ["[USER][AGE] 30[HISTORY][ITEM][TITLE] Heat (1995)", "[ITEM][TITLE] Toy Story (1995)"]
+    start, shipped_tower = model.encode(texts, normalize_embeddings=True), load_tuned(shipped())
+    assert np.sum(start * shipped_tower.encode(texts, normalize_embeddings=True), axis=1).min() > 0.9999  # from where it stopped
+    with pytest.raises(OnetowerError, match="dim"):
+        initial_model(TrainConfig(lora=True, init_from=shipped(), dim=256, matryoshka_widths=[64], output_dir=tmp_path), Settings())
+    with pytest.raises(ConfigError, match="lora"):
+        load_config(None, {"init_from": str(shipped()), "lora": False})

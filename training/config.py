@@ -35,6 +35,8 @@ class TrainConfig(BaseModel):
     counts_mode: Literal["bucket", "raw"] = "bucket"
     hard_negatives: int = Field(default=2, ge=0, le=8, description="0/1/2 for the paper's ablation")
     max_train_examples: int | None = Field(default=None, ge=1, description="a seeded random sample of the training split")
+    counter_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="share of training item texts written with a "
+                                   "never-engaged item's counters (cold items)")
 
     # model
     base_model: str = "minilm"
@@ -44,6 +46,8 @@ class TrainConfig(BaseModel):
     history_block: int = Field(default=1, ge=1, description="entries a user history is trimmed by (models/render.py): "
                                f"{HISTORY_BLOCK_CAUSAL} for a causal tower served with incremental re-encoding")
     lora: bool = Field(default=False, description="train LoRA adapters instead of all weights: the tower then ships as a few MB (models/tuned.py)")
+    init_from: Path | None = Field(default=None, description="a tuned tower (models/tuned.py) whose adapter and head training "
+                                   "continues from, e.g. models/shipped/minilm_logq_v1 (needs lora: true and its shape)")
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
@@ -90,6 +94,8 @@ class TrainConfig(BaseModel):
             raise ValueError("cached_mnrl has no logQ correction: pass logq: false with it")
         if self.cached_mnrl and self.mini_batch_size > self.batch_size:
             raise ValueError("mini_batch_size must not exceed batch_size")
+        if self.init_from is not None and not self.lora:
+            raise ValueError("init_from continues a tuned tower's LoRA adapter: pass lora: true with it")
         self.dataset_options()  # fail now on bad data options, not after loading a model
         return self
 
@@ -97,7 +103,8 @@ class TrainConfig(BaseModel):
         """The dataset recipe: negatives are always built for 2, training uses the first ``hard_negatives``."""
         return DatasetOptions(
             hard_negatives=max(2, self.hard_negatives), counts_mode=self.counts_mode, history_len=self.history_len,
-            base_model=self.base_model, max_seq_length=self.max_seq_length, history_block=self.history_block, val_fraction=self.val_fraction,
+            base_model=self.base_model, max_seq_length=self.max_seq_length, history_block=self.history_block,
+            counter_dropout=self.counter_dropout, val_fraction=self.val_fraction,
             test_fraction=self.test_fraction, seed=self.seed,
             since_ms=_ms(self.since), until_ms=_ms(self.until),
         )

@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Iterator, Literal
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 DATASET_FORMAT_VERSION = "4"  # bump when the example recipe below changes: old caches are then ignored
 SPLITS = ("train", "val", "test")
 STALL_S = 60  # seconds without a record, while partitions are short of their end offsets, before giving up
+OLD_CACHE_DEFAULTS = {"history_block": 1, "counter_dropout": 0.0}  # options added later, at the value older caches hold
 
 
 class DatasetError(OnetowerError):
@@ -78,6 +79,9 @@ class DatasetOptions(BaseModel):
     max_seq_length: int = Field(default=256, ge=16)
     history_block: int = Field(default=1, ge=1, description="entries the user history is trimmed by at max_seq_length "
                                "(models/render.py), as the served tower's manifest says")
+    counter_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="share of training item texts (positives and "
+                                   "hard negatives) written with the counters of a never-engaged item, so that a cold "
+                                   "item's counters do not by themselves rule it out")
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     since_ms: int | None = Field(default=None, description="first event time read from impressions/engagements")
@@ -255,6 +259,7 @@ def build_examples(events: list[Event], options: DatasetOptions, tokenizer: Toke
     boundaries = {"val": t_val, "test": t_test}
 
     rng = np.random.default_rng(options.seed)
+    dropout_rng = np.random.default_rng([options.seed, 1])  # its own stream: the other draws do not move with counter_dropout
     state = ReferenceState(options.history_len, options.recent_impressions_len)
     refits = _Refits(state, options.counts_mode)
     catalogue: list[str] = []
@@ -276,12 +281,13 @@ def build_examples(events: list[Event], options: DatasetOptions, tokenizer: Toke
         group = [e for e in events[i:j] if isinstance(e, EngagementEvent)]
         if group:
             refits.at(t)
+        split = "test" if t >= t_test else "val" if t >= t_val else "train"
         for e in group:  # examples see the state before this timestamp only
-            row = _example(e, state, catalogue, options, tokenizer, rng)
+            cold = dropout_rng.random(1 + options.hard_negatives) < options.counter_dropout if split == "train" else None
+            row = _example(e, state, catalogue, options, tokenizer, rng, cold)
             if row is None:
                 skipped += 1
                 continue
-            split = "test" if t >= t_test else "val" if t >= t_val else "train"
             rows[split].append(row)
         for e in events[i:j]:
             state.apply(e)
@@ -308,8 +314,12 @@ def _id_order(item_id: str) -> tuple[int, str]:
     return (0, f"{int(item_id):020d}") if item_id.isdigit() else (1, item_id)
 
 
-def _item_texts(state: ReferenceState, ids: list[str], options: DatasetOptions) -> list[str | None]:
-    return item_state_texts(state.items(ids), state.percentile_tables(), options.counts_mode)
+def _item_texts(state: ReferenceState, ids: list[str], options: DatasetOptions, cold: list[bool] | None = None) -> list[str | None]:
+    """Item texts as of now; ``cold`` marks those written with the counters of a never-engaged item (all zero)."""
+    states = state.items(ids)
+    if cold is not None:
+        states = [replace(st, counters=dict.fromkeys(st.counters, 0)) if st is not None and c else st for st, c in zip(states, cold)]
+    return item_state_texts(states, state.percentile_tables(), options.counts_mode)
 
 
 def _catalogue_table(state: ReferenceState, catalogue: list[str], options: DatasetOptions) -> pa.Table:
@@ -317,10 +327,12 @@ def _catalogue_table(state: ReferenceState, catalogue: list[str], options: Datas
 
 
 def _example(e: EngagementEvent, state: ReferenceState, catalogue: list[str], options: DatasetOptions,
-             tokenizer: Tokenizer, rng: np.random.Generator) -> dict | None:
+             tokenizer: Tokenizer, rng: np.random.Generator, cold: np.ndarray | None = None) -> dict | None:
     """One engagement as serving saw it just before t: the user text, the positive, negatives known
-    before t. None when the positive had no text then (unknown or deleted item)."""
-    (positive,) = _item_texts(state, [e.item_id], options)
+    before t (``cold``: which of the positive and negatives to write with a never-engaged item's
+    counters). None when the positive had no text then (unknown or deleted item)."""
+    cold = list(cold) if cold is not None else [False] * (1 + options.hard_negatives)
+    (positive,) = _item_texts(state, [e.item_id], options, cold[:1])
     if positive is None:
         return None
     user = state.users([e.user_id])[0] or UserState(e.user_id, {}, [], -1)  # no state yet: the empty user text
@@ -338,7 +350,7 @@ def _example(e: EngagementEvent, state: ReferenceState, catalogue: list[str], op
         negatives += [str(x) for x in rng.choice(pool, options.hard_negatives - n_hard, replace=False)]
     row = {"ts_ms": e.ts_ms, "user_id": e.user_id, "item_id": e.item_id, "query": query, "positive": positive,
            "history": sorted(engaged, key=_id_order), "n_hard": n_hard, "negative_ids": negatives}
-    for n, text in enumerate(_item_texts(state, negatives, options), 1):
+    for n, text in enumerate(_item_texts(state, negatives, options, cold[1:]), 1):
         row[f"negative_{n}"] = text
     return row
 
@@ -371,8 +383,8 @@ def fingerprint(ranges: dict[TopicPartition, tuple[int, int]], options: DatasetO
     """A digest of what the examples depend on: topic offsets, options, prompt and recipe versions."""
     payload = {
         "offsets": sorted([tp.topic, tp.partition, *r] for tp, r in ranges.items()),
-        # history_block 1 renders what datasets built before the field existed hold: their caches stay valid
-        "options": options.model_dump(mode="json", exclude={"history_block"} if options.history_block == 1 else None),
+        # defaults that render what datasets built before these fields existed hold: their caches stay valid
+        "options": options.model_dump(mode="json", exclude={k for k, v in OLD_CACHE_DEFAULTS.items() if getattr(options, k) == v}),
         "prompt_format": PROMPT_FORMAT_VERSION,
         "dataset_format": DATASET_FORMAT_VERSION,
     }

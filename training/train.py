@@ -26,7 +26,7 @@ from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 from core.errors import OnetowerError
 from models.artifact import default_version
 from models.tower import build_tower
-from models.tuned import TunedTower, add_lora, merge_lora, save_tuned
+from models.tuned import TunedTower, add_lora, load_tuned, merge_lora, read_tuned, save_tuned
 from core.settings import Settings
 from training.config import TrainConfig, save_config
 from training.dataset import PointInTimeDataset, load_or_build
@@ -130,10 +130,7 @@ def train(config: TrainConfig, settings: Settings, *, data: PointInTimeDataset |
     eval_ds = pair_dataset(val.slice(0, EVAL_LOSS_EXAMPLES), config.hard_negatives, logq=config.logq) if has_eval else None
     evaluator = RecallEvaluator(EvalSet.from_dataset(data, "val", max_queries=config.eval_max_queries, seed=config.seed)) if has_eval else None
 
-    model = build_tower(config.base_model, dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling,
-                        cache_dir=settings.cache_dir)
-    if config.lora:
-        add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
+    model = initial_model(config, settings)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_ds,
                                          eval_dataset=eval_ds, loss=make_loss(model, config), evaluator=evaluator,
                                          callbacks=[TimeBudget(config.max_minutes)] if config.max_minutes else None)
@@ -163,6 +160,23 @@ def train(config: TrainConfig, settings: Settings, *, data: PointInTimeDataset |
     if config.export:
         export(model, config, config.output_dir / ARTIFACT_SUBDIR, training_data_range=train_range)
     return config.output_dir
+
+
+def initial_model(config: TrainConfig, settings: Settings) -> SentenceTransformer:
+    """The tower training starts from: the untuned base (with a fresh adapter under LoRA), or a tuned
+    tower's adapter and head (``init_from``), whose shape must be the config's."""
+    if config.init_from is None:
+        model = build_tower(config.base_model, dim=config.dim, max_seq_length=config.max_seq_length, pooling=config.pooling,
+                            cache_dir=settings.cache_dir)
+        if config.lora:
+            add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
+        return model
+    tower = read_tuned(config.init_from)
+    shape = {"base_model": config.base_model, "dim": config.dim, "max_seq_length": config.max_seq_length, "pooling": config.pooling}
+    differ = {k: (getattr(tower, k), v) for k, v in shape.items() if getattr(tower, k) != v}
+    if differ:
+        raise OnetowerError(f"init_from {config.init_from} differs from the config in {differ} (tower, config)")
+    return load_tuned(config.init_from, settings.cache_dir, trainable=True)
 
 
 class TrainingDiverged(OnetowerError):
