@@ -114,7 +114,7 @@ def load_tuned(path: Path, cache_dir: Path = DEFAULT_CACHE_DIR, *, trainable: bo
 # ---------------------------------------------------------------- the towers that ship with onetower
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
-DEFAULT_TOWER = "minilm_logq_v1"  # served when no model directory is given; see models/shipped/README.md
+DEFAULT_TOWER = "minilm_logq_v2"  # served when no model directory is given; see models/shipped/README.md
 
 
 def shipped(name: str = DEFAULT_TOWER) -> Path:
