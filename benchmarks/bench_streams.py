@@ -414,13 +414,17 @@ def incremental_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
         report("raw ONNX encoder capacity, MovieLens user texts (users/s)", f"{raw:.2f}  ({tokens:.0f} tokens/user)")
         bound = base.incremental_cache_bytes or (psutil.virtual_memory().total // 8)
         rates = args.rates or [raw * f for f in (0.5, 1, 2, 4, 8, 16)]
-        paths = {"full": "0", "incremental": "1"} if args.incremental == "both" else {
-            {"off": "full", "on": "incremental"}[args.incremental]: {"off": "0", "on": "1"}[args.incremental]}
+        flags = {"full": ("0", "0"), "incremental": ("1", "0"), "incremental+items": ("1", "1")}  # (users, items)
+        chosen = {"off": ["full"], "on": ["incremental"], "both": ["full", "incremental"], "items": ["incremental+items"],
+                  "all": list(flags)}[args.incremental]
         capacity: dict[str, float] = {}
         halves: dict[str, list[tuple[str, Run]]] = {}
-        for path, flag in paths.items():
+        for path in chosen:
+            users_flag, items_flag = flags[path]
+            flag = users_flag
             w = Worker(s, args.model, refresh=True, log=logdir / f"inc-{path}.log",
-                       env={"ONETOWER_INCREMENTAL_USERS": flag, "ONETOWER_LIVE_RECALL_SAMPLE_RATE": "0"})
+                       env={"ONETOWER_INCREMENTAL_USERS": users_flag, "ONETOWER_INCREMENTAL_ITEMS": items_flag,
+                            "ONETOWER_LIVE_RECALL_SAMPLE_RATE": "0"})
             try:
                 ready(w, s, store, args, workload)
                 report(f"[{path}] worker up; load", load())
@@ -452,8 +456,8 @@ def incremental_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
                            f"({'within' if w.cache_bytes_max <= bound else 'OVER'} the bound)")
             finally:
                 w.stop()
-        if "full" in capacity and "incremental" in capacity and capacity["full"] > 0:
-            report("capacity incremental / full", f"{capacity['incremental'] / capacity['full']:.1f}x  (target >= 5x)")
+        for path in (p for p in capacity if p != "full" and capacity.get("full", 0) > 0):
+            report(f"capacity {path} / full", f"{capacity[path] / capacity['full']:.1f}x  (target >= 5x)")
     finally:
         cleanup(s)
 
@@ -482,7 +486,9 @@ def main() -> None:
                     help="unmeasured seconds at a run's rate before its window (its sessions' earlier engagements)")
     ap.add_argument("--rounds", type=int, default=2, help="live-recall: rounds of the interleaved arms")
     ap.add_argument("--rate", type=float, default=0.0, help="live-recall: engagements/s [default: half the raw capacity]")
-    ap.add_argument("--incremental", choices=("off", "on", "both"), default="both", help="incremental: the paths measured")
+    ap.add_argument("--incremental", choices=("off", "on", "both", "items", "all"), default="both",
+                    help="incremental: the paths measured (off: full; on: users incremental; items: users and items "
+                         "incremental; both: off and on; all: the three)")
     ap.add_argument("--rates", type=float, nargs="*", help="incremental: ascending engagements/s [default: raw x 0.5, 1, 2, 4...]")
     ap.add_argument("--raw-users", type=int, default=128, help="user texts the raw capacity is measured on")
     args = ap.parse_args()

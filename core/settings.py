@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     percentile_refresh_s: float = Field(default=300.0, gt=0.0, description="how often the worker refits the popularity percentile tables")
     incremental_users: bool = Field(default=False, description="re-encode users through cached keys/values when the served "
                                     "tower is causal (models/incremental.py); items and bidirectional towers keep the full path")
+    incremental_items: bool = Field(default=False, description="with incremental_users, items too: a counter change "
+                                    "recomputes the tokens from the first changed counter on, after the cached features")
     incremental_cache_bytes: int | None = Field(default=None, ge=1, description="bound of that cache [default: an eighth of the machine's memory]")
     incremental_kv_dtype: Literal["float32", "float16"] = Field(default="float16", description="keys/values as cached (float16: half the bytes of float32, and as exact: min cosine 1.000000 against the full encode)")
     live_recall_sample_rate: float = Field(default=0.1, ge=0.0, le=1.0, description="share of engagements scored for live recall (0: off)")

@@ -10,8 +10,9 @@ finding the lease under another token, queues the entity once more (closing the 
 check and the upsert).
 
 With ``incremental_users`` on and a causal tower served, users are re-encoded through cached keys/values
-(``models/incremental.py``: only a new history entry's tokens are computed; same vectors); items, and
-every entity of a bidirectional tower, keep the full path.
+(``models/incremental.py``: only a new history entry's tokens are computed; same vectors); with
+``incremental_items`` too, items are (only the tokens from the first changed counter on); the rest,
+and every entity of a bidirectional tower, keep the full path.
 
 A micro-batch that fails on its data (not on Redis or Milvus being unavailable) is bisected: the good
 entities are still refreshed, and each one that fails on its own is quarantined with the reason
@@ -162,8 +163,8 @@ class Refresher:
         if live:
             started = time.perf_counter()
             texts = [text for _, _, text in live]
-            if kind == "users" and self.incremental is not None:
-                vectors = self.incremental.encode_users([i for i, _, _ in live], texts)
+            if self.incremental is not None and (kind == "users" or self.settings.incremental_items):
+                vectors = self.incremental.encode([f"{kind}:{i}" for i, _, _ in live], texts)
             else:
                 vectors = self.encoder.encode(texts)
             metrics.ENCODE_SECONDS.labels(kind).observe(time.perf_counter() - started)

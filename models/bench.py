@@ -28,7 +28,7 @@ from models.artifact import ModelArtifact
 from models.export import export_artifact
 from models.encoder import Encoder, TorchEncoder, padding_fraction, plan_batches
 from models.errors import ArtifactError
-from models.render import render_item, render_user
+from models.render import COUNTER_FIELDS, render_item, render_user
 from models.samples import MOVIES, movie_features, sample_items, sample_users
 from models.tower import build_tower
 from core.settings import Settings
@@ -276,13 +276,13 @@ def run(
 @dataclass
 class IncrementalCell:
     path: str
-    users: int
+    entities: int
     seconds: float
-    users_per_s: float
-    tokens_per_user: float
+    per_s: float
+    tokens_each: float
     min_cosine: float | None = None
     mean_cosine: float | None = None
-    cache_bytes_per_user: float | None = None
+    cache_bytes_each: float | None = None
 
 
 def incremental_texts(tokenizer, users: int, *, history_tokens: int = 250, entry_tokens: int = 30,
@@ -302,6 +302,20 @@ def incremental_texts(tokenizer, users: int, *, history_tokens: int = 250, entry
     return before, after
 
 
+def item_counter_texts(items: int, seed: int = 13) -> tuple[list[str], list[str]]:
+    """(before, after) item texts: MovieLens movies with all six counters as percentile buckets, then the
+    same with an impression and an engagement in the last hour (the first counter changes: every counter
+    token is computed again, the features' tokens are not)."""
+    rng = random.Random(seed)
+    before, after = [], []
+    for i in range(items):
+        counts = {name: rng.randint(1, 100) for name in COUNTER_FIELDS}
+        features = movie_features(i)
+        before.append(render_item(features, {**counts, "impressions_1h": 1, "engagements_1h": 1}))
+        after.append(render_item(features, {**counts, "impressions_1h": 97, "engagements_1h": 99}))
+    return before, after
+
+
 def _timed(fn, spent: float = 0.0) -> tuple[np.ndarray, float]:
     """``fn()`` and ``spent`` plus the seconds it took."""
     start = time.perf_counter()
@@ -309,64 +323,71 @@ def _timed(fn, spent: float = 0.0) -> tuple[np.ndarray, float]:
     return out, spent + time.perf_counter() - start
 
 
-def _time_incremental(tower, users: int, rounds: int, kv_dtypes: Sequence[torch.dtype]) -> tuple[list[IncrementalCell], str]:
-    """Full and incremental re-encoding of the same users, interleaved round by round so that a change in
-    the machine's load hits every path alike; the incremental caches are primed (untimed) once and
-    restored before each round."""
-    from models.incremental import IncrementalEncoder
+def _time_incremental(tower, before: list[str], after: list[str], rounds: int,
+                      kv_dtypes: Sequence[torch.dtype]) -> tuple[list[IncrementalCell], str]:
+    """Full and incremental re-encoding of the same entities from ``before`` to ``after``, interleaved round
+    by round so that a change in the machine's load hits every path alike; the incremental caches are
+    primed (untimed) once and restored before each round."""
+    from models.incremental import IncrementalEncoder, shared_prefix
 
-    before, after = incremental_texts(tower.tokenizer, users)
-    ids = [f"u{i}" for i in range(users)]
+    keys = [f"e{i}" for i in range(len(after))]
     full = TorchEncoder(tower)
     incremental = {dtype: IncrementalEncoder(tower, version="bench", kv_dtype=dtype) for dtype in kv_dtypes}
-    primed = {dtype: (encoder.encode_users(ids, before), copy.deepcopy(encoder.cache))[1] for dtype, encoder in incremental.items()}
+    primed = {dtype: (encoder.encode(keys, before), copy.deepcopy(encoder.cache))[1] for dtype, encoder in incremental.items()}
     full.encode(after[:2])  # warm-up
     seconds, cosines = dict.fromkeys(["full", *incremental], 0.0), {dtype: [] for dtype in incremental}
     for _ in range(rounds):
         reference, seconds["full"] = _timed(lambda: full.encode(after), seconds["full"])
         for dtype, encoder in incremental.items():
             encoder.cache = copy.deepcopy(primed[dtype])
-            got, seconds[dtype] = _timed(lambda: encoder.encode_users(ids, after), seconds[dtype])
+            got, seconds[dtype] = _timed(lambda: encoder.encode(keys, after), seconds[dtype])
             cosines[dtype].append(np.sum(reference * got, axis=1))
-    full_tokens = float(np.mean([len(x) for x in full.tokenize(after)]))
-    new_tokens = full_tokens - float(np.mean([len(x) for x in full.tokenize(before)]))
-    n = users * rounds
+    ids_before, ids_after = full.tokenize(before), full.tokenize(after)
+    full_tokens = float(np.mean([len(x) for x in ids_after]))
+    new_tokens = float(np.mean([len(b) - shared_prefix(np.asarray(a), b) for a, b in zip(ids_before, ids_after)]))
+    n = len(after) * rounds
     cells = [IncrementalCell("full (torch, batched)", n, seconds["full"], n / seconds["full"], full_tokens)]
     for dtype, encoder in incremental.items():
         cos = np.concatenate(cosines[dtype])
         cells.append(IncrementalCell(f"incremental (torch, {str(dtype).removeprefix('torch.')} KV cache)", n, seconds[dtype],
                                      n / seconds[dtype], new_tokens, round(float(cos.min()), 6), round(float(cos.mean()), 6),
-                                     encoder.cache_bytes / users))
-    return cells, f"{users} users x {rounds} rounds, {new_tokens:.0f} new of {full_tokens:.0f} tokens"
+                                     encoder.cache_bytes / len(after)))
+    return cells, f"{len(after)} x {rounds} rounds, {new_tokens:.0f} new of {full_tokens:.0f} tokens"
 
 
-def _incremental_table(cells: list[IncrementalCell], title: str) -> Table:
+def _incremental_table(cells: list[IncrementalCell], title: str, entity: str) -> Table:
     table = Table(title=title)
-    for col in ("path", "users/s", "ms/user", "x full", "tokens computed/user", "min cos vs full", "mean cos", "cache/user"):
+    for col in ("path", f"{entity}s/s", f"ms/{entity}", "x full", f"tokens computed/{entity}", "min cos vs full", "mean cos", f"cache/{entity}"):
         table.add_column(col, justify="left" if col == "path" else "right")
     for c in cells:
-        table.add_row(c.path, f"{c.users_per_s:.2f}", f"{1e3 * c.seconds / c.users:.0f}", f"{c.users_per_s / cells[0].users_per_s:.2f}",
-                      f"{c.tokens_per_user:.0f}", _fmt(c.min_cosine, ".6f"), _fmt(c.mean_cosine, ".6f"),
-                      "-" if c.cache_bytes_per_user is None else f"{c.cache_bytes_per_user / 2**20:.1f} MiB")
+        table.add_row(c.path, f"{c.per_s:.2f}", f"{1e3 * c.seconds / c.entities:.0f}", f"{c.per_s / cells[0].per_s:.2f}",
+                      f"{c.tokens_each:.0f}", _fmt(c.min_cosine, ".6f"), _fmt(c.mean_cosine, ".6f"),
+                      "-" if c.cache_bytes_each is None else f"{c.cache_bytes_each / 2**20:.2f} MiB")
     return table
 
 
 def run_incremental(out: Path, settings: Settings, *, base: str = "smollm2", users: int = 16, rounds: int = 3, threads: int | None = None,
                     console: Console | None = None) -> dict:
-    """Full vs incremental re-encoding of users after one new entry (fp32 and fp16 cached keys/values),
-    side by side in one run; prints a table and writes ``bench_incremental.json`` under ``out``. The full
-    path is the torch tower batched by token budget; the incremental one runs only the new entry's tokens."""
+    """Full vs incremental re-encoding (fp32 and fp16 cached keys/values), side by side in one run, of
+    users after one new entry and of items after their counters moved; prints two tables and writes
+    ``bench_incremental.json`` under ``out``. The full path is the torch tower batched by token budget;
+    the incremental one runs only the tokens after the shared prefix."""
     console = console or Console()
     if threads:
         torch.set_num_threads(threads)
     load_before = os.getloadavg()
     tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=512, cache_dir=settings.cache_dir)
-    cells, what = _time_incremental(tower, users, rounds, (torch.float32, torch.float16))
-    console.print(_incremental_table(cells, f"re-encoding a user after one new entry: {base}, {what}, {torch.get_num_threads()} threads"))
+    dtypes, threads_used = (torch.float32, torch.float16), torch.get_num_threads()
+    users_cells, users_what = _time_incremental(tower, *incremental_texts(tower.tokenizer, users), rounds, dtypes)
+    console.print(_incremental_table(users_cells, f"re-encoding a user after one new entry: {base}, {users_what}, {threads_used} threads", "user"))
+    items_cells, items_what = _time_incremental(tower, *item_counter_texts(4 * users), rounds, dtypes)
+    console.print(_incremental_table(items_cells, f"re-encoding an item after its last-hour counters moved: {base}, {items_what}, "
+                                                  f"{threads_used} threads", "item"))
     load_after = os.getloadavg()
     console.print(f"load average before/after {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} cores")
-    result = {"base": base, "threads": torch.get_num_threads(), "users": users, "rounds": rounds,
-              "load_average_before": load_before, "load_average_after": load_after, "cells": [asdict(c) for c in cells]}
+    result = {"base": base, "threads": threads_used, "users": users, "items": 4 * users, "rounds": rounds,
+              "load_average_before": load_before, "load_average_after": load_after,
+              "cells": [asdict(c) for c in users_cells], "item_cells": [asdict(c) for c in items_cells]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_incremental.json").write_text(json.dumps(result, indent=2))
     return result

@@ -1,14 +1,17 @@
-"""Incremental re-encoding of users for causal towers: a refresh computes the new history entry's tokens only.
+"""Incremental re-encoding for causal towers: a refresh computes the tokens after the first one that changed.
 
-A causal LM's states for a prefix do not change when tokens are appended, and a user's text only grows
-at its end when an engagement arrives (see ``models/render.py``). So per user the keys/values, the sum
-of the last layer's states (mean pooling) and the token ids encoded so far are kept; when the new
-text's ids start with the cached ids, only the rest goes through the model, on top of the cached
-keys/values. Anything else (no entry, a different model version, a profile change or a history
-trimmed at the token budget: the ids no longer start with the cached ones) is a full encode that
-repopulates the entry; trimming in blocks (``models/render.py``) makes the last one rare. The tower's own modules after pooling (Dense or Truncate, Normalize) make the
+A causal LM's states for a prefix do not change when tokens after it change. A user's text only grows
+at its end when an engagement arrives (see ``models/render.py``); an item's text changes in its
+counters, which come after its features. So per entity the token ids encoded so far, their
+keys/values and the running sums of the last layer's states (mean pooling) are kept; a new text
+reuses the longest prefix it shares with the cached ids and only the rest goes through the model, on
+top of the prefix's keys/values. An append (the cached ids are a prefix of the new ones) is a hit; a
+text that changed inside (a user's profile, a history trimmed at the token budget, an item's
+counters) is a miss by reason "diverged" that still reuses the shared prefix; an absent entry or
+another model version is a full encode. Trimming in blocks (``models/render.py``) makes a user's
+divergence rare. The tower's own modules after pooling (Dense or Truncate, Normalize) make the
 vector, so it equals the full path's. Entries live in an LRU cache bounded in bytes: keys/values are
-large (SmolLM2-135M in fp32: 46 KB a token), so only recently active users stay cached.
+large (SmolLM2-135M in fp32: 46 KB a token), so only recently active entities stay cached.
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ from models.encoder import plan_batches
 from models.errors import ModelError
 from models.tower import is_causal
 
-HITS = Counter("onetower_incremental_hits_total", "user re-encodes that reused cached keys/values")
+HITS = Counter("onetower_incremental_hits_total", "re-encodes whose text extended the cached one (an append)")
 MISSES = Counter("onetower_incremental_misses_total",
-                 "user re-encodes done in full, by reason (absent: not cached; diverged: the text's tokens no longer "
-                 "start with the cached ones, e.g. a profile change or a history trimmed at the token budget; "
-                 "version: another model version)", ["reason"])
+                 "re-encodes that were not an append, by reason (absent: not cached; diverged: the text changed "
+                 "inside, e.g. a profile, a history trimmed at the token budget or an item's counters, and only "
+                 "the shared prefix was reused; version: another model version)", ["reason"])
 CACHE_BYTES = Gauge("onetower_incremental_cache_bytes", "bytes held by the incremental encoder's cache")
-CACHE_USERS = Gauge("onetower_incremental_cache_users", "users held by the incremental encoder's cache")
+CACHE_USERS = Gauge("onetower_incremental_cache_users", "entities (users and items) held by the incremental encoder's cache")
 TOKENS_COMPUTED = Counter("onetower_incremental_tokens_computed_total", "tokens run through the model by the incremental encoder")
 TOKENS_FULL = Counter("onetower_incremental_tokens_full_total", "tokens a full encode of the same users would have run")
 
@@ -59,18 +62,25 @@ def for_artifact(path: Path, *, max_bytes: int | None = None, kv_dtype: str = "f
 
 @dataclass
 class Entry:
-    """One user's cached state: what was encoded, its keys/values, the running sum and the last vector."""
+    """One entity's cached state: what was encoded, its keys/values, the running sums and the last vector."""
 
     version: str
     ids: np.ndarray  # int32 token ids encoded so far
     cache: DynamicCache
-    total: torch.Tensor  # float64 sum of the last layer's states over ``ids``
+    sums: torch.Tensor  # float32 (len(ids), hidden): row t is the sum of the last layer's states over ids[: t + 1]
     vector: np.ndarray
 
     @property
     def nbytes(self) -> int:
         kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers)
-        return kv + self.total.nbytes + self.vector.nbytes + self.ids.nbytes
+        return kv + self.sums.nbytes + self.vector.nbytes + self.ids.nbytes
+
+    def prefix(self, n: int) -> Entry:
+        """This entry cut to its first ``n`` tokens (views: the next extend copies them out)."""
+        cache = DynamicCache()
+        for layer, item in enumerate(self.cache.layers if n else []):
+            cache.update(item.keys[:, :, :n], item.values[:, :, :n], layer)
+        return Entry(self.version, self.ids[:n], cache, self.sums[:n], np.zeros(0, dtype=np.float32))
 
 
 class IncrementalEncoder:
@@ -97,47 +107,47 @@ class IncrementalEncoder:
     def cache_bytes(self) -> int:
         return int(self.cache.currsize)
 
-    def encode_users(self, user_ids: Sequence[str], texts: Sequence[str], *, max_batch_tokens: int = 8192) -> np.ndarray:
-        """(len(texts), dim) unit vectors equal to the full encode's, computing only new tokens where cached.
+    def encode(self, keys: Sequence[str], texts: Sequence[str], *, max_batch_tokens: int = 8192) -> np.ndarray:
+        """(len(texts), dim) unit vectors equal to the full encode's, computing only the tokens after the
+        prefix shared with the cached entry of each key (an entity, e.g. ``user:42``).
 
-        Users are batched by the tokens they compute (``plan_batches``), so cached users' appends run
-        together and full encodes together; a batch also holds at most ``max_batch_tokens`` padded
-        positions of past and new tokens, which bounds the keys/values copied into it."""
-        if len(user_ids) != len(texts):
-            raise ModelError(f"{len(user_ids)} user ids for {len(texts)} texts")
+        Entities are batched by the tokens they compute (``plan_batches``), so appends run together and
+        full encodes together; a batch also holds at most ``max_batch_tokens`` padded positions of past
+        and new tokens, which bounds the keys/values copied into it."""
+        if len(keys) != len(texts):
+            raise ModelError(f"{len(keys)} keys for {len(texts)} texts")
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length)["input_ids"]
-        entries = [self._lookup(user_id, row) for user_id, row in zip(user_ids, ids)]
+        entries = [self._lookup(key, row) for key, row in zip(keys, ids)]
         past = [len(entry.ids) for entry in entries]
         todo = [r for r, row in enumerate(ids) if len(row) > past[r]]
         for batch in plan_batches([len(ids[r]) - past[r] for r in todo], max_batch_tokens):
             for rows in _bounded([todo[b] for b in batch], past, [len(row) for row in ids], max_batch_tokens):
                 for r, entry in zip(rows, self._extend([entries[r] for r in rows], [ids[r] for r in rows])):
                     entries[r] = entry
-        for user_id, entry in zip(user_ids, entries):
-            if entry.nbytes <= self.cache.maxsize:  # a user larger than the whole cache is encoded, not kept
-                self.cache[user_id] = entry
+        for key, entry in zip(keys, entries):
+            if entry.nbytes <= self.cache.maxsize:  # an entity larger than the whole cache is encoded, not kept
+                self.cache[key] = entry
         CACHE_BYTES.set(self.cache.currsize)
         CACHE_USERS.set(len(self.cache))
         if not entries:
             return np.zeros((0, self.tower.get_embedding_dimension()), dtype=np.float32)
         return np.stack([entry.vector for entry in entries])
 
-    def _lookup(self, user_id: str, ids: list[int]) -> Entry:
-        """The user's cached entry when ``ids`` extend it, else an empty one (counted as a miss)."""
-        entry = self.cache.pop(user_id, None)
+    def _lookup(self, key: str, ids: list[int]) -> Entry:
+        """The cached entry of ``key`` when ``ids`` extend it (a hit); else the prefix it shares with
+        ``ids`` (at least one token left to compute, which makes the vector), or an empty entry."""
+        entry = self.cache.pop(key, None)
         TOKENS_FULL.inc(len(ids))
-        if entry is None:
-            reason = "absent"
-        elif entry.version != self.version:
-            reason = "version"
-        elif len(ids) < len(entry.ids) or not np.array_equal(entry.ids, ids[: len(entry.ids)]):
-            reason = "diverged"
-        else:
-            HITS.inc()
-            return entry
-        MISSES.labels(reason).inc()
-        hidden = torch.zeros(self.model.config.hidden_size, dtype=torch.float64)
-        return Entry(self.version, np.zeros(0, dtype=np.int32), DynamicCache(), hidden, np.zeros(0, dtype=np.float32))
+        if entry is not None and entry.version == self.version:
+            shared = shared_prefix(entry.ids, ids)
+            if shared == len(entry.ids):
+                HITS.inc()
+                return entry
+            MISSES.labels("diverged").inc()
+            return entry.prefix(min(shared, len(ids) - 1))
+        MISSES.labels("absent" if entry is None else "version").inc()
+        empty = torch.zeros(0, self.model.config.hidden_size, dtype=torch.float32)
+        return Entry(self.version, np.zeros(0, dtype=np.int32), DynamicCache(), empty, np.zeros(0, dtype=np.float32))
 
     @torch.inference_mode()
     def _extend(self, entries: list[Entry], ids: list[list[int]]) -> list[Entry]:
@@ -159,14 +169,26 @@ class IncrementalEncoder:
         out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                          past_key_values=_stack([e.cache for e in entries], past, width, self.model.dtype), use_cache=True)
         states = out.last_hidden_state.to(torch.float64).cpu()
-        totals = torch.stack([e.total + states[r, : len(tokens)].sum(0) for r, (e, tokens) in enumerate(zip(entries, new))])
+        sums, totals = [], []
+        for r, (e, tokens) in enumerate(zip(entries, new)):
+            running = (e.sums[-1].double() if len(e.sums) else 0.0) + states[r, : len(tokens)].cumsum(0)
+            sums.append(torch.cat([e.sums, running.float()]))
+            totals.append(running[-1])
+        totals = torch.stack(totals)
         features = {"sentence_embedding": (totals / torch.tensor([len(row) for row in ids])[:, None]).float().to(device)}
         for module in self.head:
             features = module(features)
         vectors = features["sentence_embedding"].float().cpu().numpy()
         return [Entry(self.version, np.asarray(row, dtype=np.int32), _row(out.past_key_values, r, width - p, width + len(tokens), self.kv_dtype),
-                      totals[r], vectors[r])
+                      sums[r], vectors[r])
                 for r, (row, p, tokens) in enumerate(zip(ids, past, new))]
+
+
+def shared_prefix(cached: np.ndarray, ids: list[int]) -> int:
+    """How many leading tokens ``ids`` shares with ``cached``."""
+    n = min(len(cached), len(ids))
+    differ = np.flatnonzero(cached[:n] != np.asarray(ids[:n], dtype=cached.dtype))
+    return int(differ[0]) if len(differ) else n
 
 
 def _bounded(rows: list[int], past: list[int], total: list[int], budget: int) -> list[list[int]]:

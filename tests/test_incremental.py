@@ -15,7 +15,7 @@ from models.encoder import TorchEncoder
 from models.errors import ModelError
 from models.incremental import IncrementalEncoder
 from models.tower import is_causal
-from models.render import render_user
+from models.render import render_item, render_user
 from models.samples import movie_features, sample_users
 from models.testing import tiny_llama
 from models.tower import build_tower
@@ -113,18 +113,18 @@ def test_appends_equal_the_full_encode_and_compute_only_new_tokens(tower: Senten
                                                  "onetower_incremental_tokens_full_total"))
     for step in range(4):
         texts = [sample(tower, p, [*h, *(movie_features(j) for j in range(step))]) for p, h in zip(profiles, histories)]
-        got = encoder.encode_users(ids, texts)
+        got = encoder.encode(ids, texts)
         assert min_cosine(got, full.encode(texts)) >= MIN_COSINE
     assert metric("onetower_incremental_hits_total") - hits == 9
     assert metric("onetower_incremental_tokens_computed_total") - computed < (metric("onetower_incremental_tokens_full_total") - whole) / 2
 
 
 @pytest.mark.parametrize("change", ["profile", "trimmed", "version"])
-def test_a_changed_prefix_re_encodes_in_full(tower: SentenceTransformer, change: str) -> None:
+def test_a_changed_text_or_version_is_a_miss_and_still_equals_the_full_encode(tower: SentenceTransformer, change: str) -> None:
     encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
     profile, history = user()
     budget = len(tokens(tower, sample(tower, profile, history[:6])))
-    encoder.encode_users(["u"], [sample(tower, profile, history[:6], budget)])
+    encoder.encode(["u"], [sample(tower, profile, history[:6], budget)])
     reason = "diverged"
     if change == "profile":
         profile = {**profile, "age": 99}
@@ -132,7 +132,7 @@ def test_a_changed_prefix_re_encodes_in_full(tower: SentenceTransformer, change:
         encoder.version, reason = "v2", "version"
     text = sample(tower, profile, history[:7], budget if change == "trimmed" else None)
     misses = metric("onetower_incremental_misses_total", reason=reason)
-    assert min_cosine(encoder.encode_users(["u"], [text]), full.encode([text])) >= MIN_COSINE
+    assert min_cosine(encoder.encode(["u"], [text]), full.encode([text])) >= MIN_COSINE
     assert metric("onetower_incremental_misses_total", reason=reason) == misses + 1
     assert encoder.cache["u"].version == encoder.version  # repopulated
 
@@ -140,23 +140,23 @@ def test_a_changed_prefix_re_encodes_in_full(tower: SentenceTransformer, change:
 def test_an_unchanged_text_costs_no_tokens(tower: SentenceTransformer) -> None:
     encoder = IncrementalEncoder(tower, version="v1")
     text = sample(tower, *user(4))
-    first = encoder.encode_users(["u"], [text])
+    first = encoder.encode(["u"], [text])
     computed = metric("onetower_incremental_tokens_computed_total")
-    assert np.array_equal(encoder.encode_users(["u"], [text]), first)
+    assert np.array_equal(encoder.encode(["u"], [text]), first)
     assert metric("onetower_incremental_tokens_computed_total") == computed
 
 
 def test_the_cache_stays_within_its_byte_bound(tower: SentenceTransformer) -> None:
     texts = [sample(tower, *user(4 + i)) for i in range(4)]
     one = IncrementalEncoder(tower, version="v1")
-    one.encode_users(["u"], texts[-1:])
+    one.encode(["u"], texts[-1:])
     largest = one.cache_bytes
     bounded = IncrementalEncoder(tower, version="v1", max_bytes=2 * largest)
-    bounded.encode_users([f"u{i}" for i in range(4)], texts)
+    bounded.encode([f"u{i}" for i in range(4)], texts)
     assert 0 < bounded.cache_bytes <= 2 * largest
     assert list(bounded.cache) == ["u2", "u3"]  # least recently used evicted first
     tiny = IncrementalEncoder(tower, version="v1", max_bytes=largest // 2)
-    assert tiny.encode_users(["u"], texts[-1:]).shape == (1, tower.get_embedding_dimension())
+    assert tiny.encode(["u"], texts[-1:]).shape == (1, tower.get_embedding_dimension())
     assert len(tiny.cache) == 0  # larger than the whole cache: encoded, not kept
 
 
@@ -170,7 +170,7 @@ def test_a_bidirectional_tower_is_refused() -> None:
 def test_a_batch_mixing_cached_and_uncached_users_equals_the_full_encode(tower: SentenceTransformer) -> None:
     encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
     (p0, h0), (p1, h1) = sample_users(2, seed=9, history=(6, 6))
-    encoder.encode_users(["cached"], [sample(tower, p0, h0[:5])])
+    encoder.encode(["cached"], [sample(tower, p0, h0[:5])])
     texts = [sample(tower, p0, h0), sample(tower, p1, h1[:1])]
     rows = [encoder._lookup("cached", tokens(tower, texts[0])), encoder._lookup("absent", tokens(tower, texts[1]))]
     assert len(rows[0].ids) and not len(rows[1].ids)
@@ -178,25 +178,48 @@ def test_a_batch_mixing_cached_and_uncached_users_equals_the_full_encode(tower: 
     assert min_cosine(np.stack([e.vector for e in got]), full.encode(texts)) >= MIN_COSINE
 
 
-def test_float16_keys_values_halve_the_cache_and_keep_the_vectors(tower: SentenceTransformer) -> None:
+def test_float16_keys_values_halve_their_bytes_and_keep_the_vectors(tower: SentenceTransformer) -> None:
     exact, half, full = IncrementalEncoder(tower, version="v1"), IncrementalEncoder(tower, version="v1", kv_dtype=torch.float16), TorchEncoder(tower)
     profile, history = user(8)
     for encoder in (exact, half):
-        encoder.encode_users(["u"], [sample(tower, profile, history[:7])])
+        encoder.encode(["u"], [sample(tower, profile, history[:7])])
     text = sample(tower, profile, history)
-    assert min_cosine(half.encode_users(["u"], [text]), full.encode([text])) >= MIN_COSINE
-    exact.encode_users(["u"], [text])
+    assert min_cosine(half.encode(["u"], [text]), full.encode([text])) >= MIN_COSINE
+    exact.encode(["u"], [text])
     assert half.cache["u"].cache.layers[0].keys.dtype == torch.float16
-    assert half.cache_bytes < 0.6 * exact.cache_bytes
+    kv = lambda e: sum(layer.keys.nbytes + layer.values.nbytes for layer in e.cache["u"].cache.layers)  # noqa: E731
+    assert kv(half) == kv(exact) // 2 and half.cache_bytes < exact.cache_bytes  # the running sums stay float32
 
 
 def test_a_token_budget_splits_the_batches_and_keeps_the_vectors(tower: SentenceTransformer, monkeypatch: pytest.MonkeyPatch) -> None:
     encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
     users = sample_users(4, seed=2, history=(6, 6))
-    encoder.encode_users([f"u{i}" for i in range(4)], [sample(tower, p, h[:5]) for p, h in users])
+    encoder.encode([f"u{i}" for i in range(4)], [sample(tower, p, h[:5]) for p, h in users])
     texts = [sample(tower, p, h) for p, h in users]
     sizes, extend = [], encoder._extend
     monkeypatch.setattr(encoder, "_extend", lambda entries, ids: sizes.append(len(entries)) or extend(entries, ids))
-    got = encoder.encode_users([f"u{i}" for i in range(4)], texts, max_batch_tokens=max(len(tokens(tower, t)) for t in texts))
+    got = encoder.encode([f"u{i}" for i in range(4)], texts, max_batch_tokens=max(len(tokens(tower, t)) for t in texts))
     assert min_cosine(got, full.encode(texts)) >= MIN_COSINE
     assert sizes == [1, 1, 1, 1]  # each user's past and new tokens fill the budget alone
+
+
+def test_an_items_changed_counters_reuse_its_features_prefix(tower: SentenceTransformer) -> None:
+    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+    features = movie_features(7)
+    before = render_item(features, {"impressions_7d": 40, "engagements_1h": 1, "engagements_7d": 55})
+    after = render_item(features, {"impressions_7d": 40, "engagements_1h": 98, "engagements_7d": 57})
+    encoder.encode(["items:7"], [before])
+    shared = len(tokens(tower, render_item(features, {"impressions_7d": 40})))  # up to where the counters differ
+    computed, misses = metric("onetower_incremental_tokens_computed_total"), metric("onetower_incremental_misses_total", reason="diverged")
+    assert min_cosine(encoder.encode(["items:7"], [after]), full.encode([after])) >= MIN_COSINE
+    assert metric("onetower_incremental_misses_total", reason="diverged") == misses + 1
+    assert metric("onetower_incremental_tokens_computed_total") - computed <= len(tokens(tower, after)) - shared + 1
+    assert np.array_equal(encoder.cache["items:7"].ids, tokens(tower, after))  # the cache holds the new text
+
+
+def test_a_text_that_is_a_prefix_of_the_cached_one_still_gets_its_own_vector(tower: SentenceTransformer) -> None:
+    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+    profile, history = user(6)
+    longer, shorter = sample(tower, profile, history), sample(tower, profile, history[:3])
+    encoder.encode(["u"], [longer])
+    assert min_cosine(encoder.encode(["u"], [shorter]), full.encode([shorter])) >= MIN_COSINE
