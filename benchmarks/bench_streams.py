@@ -3,6 +3,7 @@
     python benchmarks/bench_streams.py --model DIR     # DIR from `onetower model export --base minilm --out DIR`
     python benchmarks/bench_streams.py --model DIR --mode live-recall          # issue 13: scoring off/on, interleaved
     python benchmarks/bench_streams.py --model SMOLLM2_DIR --mode incremental  # issue 12: full vs incremental users
+    python benchmarks/bench_streams.py --model SMOLLM2_DIR --mode incremental --incremental all  # and users + items
 
 Workload (``--workload``, stated in the output): ``sessions`` (default) replays MovieLens' arrival
 pattern at a steady total rate: sessions (a user's engagements split at 30 min gaps in
@@ -23,7 +24,8 @@ uniform over the catalogue. ``random``: each engagement picks a random user (the
 capacity with live recall scoring off (sample rate 0), at the default rate and at 1.0, a fresh worker
 per arm, the arms interleaved over ``--rounds`` rounds so that the machine's load hits all alike.
 ``--mode incremental`` (issue 12): state seeded in-process (no item index: users' freshness only),
-then per path (full re-encode, incremental) one worker through ascending rates until freshness p99
+then per path (full re-encode, incremental users, incremental users and items: ``--incremental``) one
+worker through ascending rates until freshness p99
 passes 5 s (capacity = the highest rate that kept it), then half the full path's capacity and half
 the path's own; the incremental encoder's cache hits, misses by reason and bytes against the bound.
 Freshness percentiles are interpolated from the worker's freshness histogram (bucket edges 0.05 s ...).
@@ -421,7 +423,6 @@ def incremental_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
         halves: dict[str, list[tuple[str, Run]]] = {}
         for path in chosen:
             users_flag, items_flag = flags[path]
-            flag = users_flag
             w = Worker(s, args.model, refresh=True, log=logdir / f"inc-{path}.log",
                        env={"ONETOWER_INCREMENTAL_USERS": users_flag, "ONETOWER_INCREMENTAL_ITEMS": items_flag,
                             "ONETOWER_LIVE_RECALL_SAMPLE_RATE": "0"})
@@ -432,7 +433,7 @@ def incremental_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
                 for n, rate in enumerate(rates):
                     run = measure(w, s, store, rate, args, workload, seed=10_000 * len(capacity) + n)  # fresh engagements per path
                     report(f"[{path}] {rate:.2f} engagements/s: freshness p50/p95/p99 (s)", f"{run.line()}  load {load()}")
-                    if flag == "1":
+                    if users_flag == "1":
                         report(f"[{path}]   cache", inc_line(run.inc, bound))
                     if not run.ok:
                         break
@@ -448,9 +449,9 @@ def incremental_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
                     run = measure(w, s, store, rate, args, workload, seed=10_000 * len(capacity) + 1000 + len(halves.get(path, [])))
                     halves.setdefault(path, []).append((name, run))
                     report(f"[{path}] {name}, {rate:.2f} engagements/s: freshness p50/p95/p99 (s)", f"{run.line()}  load {load()}")
-                    if flag == "1":
+                    if users_flag == "1":
                         report(f"[{path}]   cache", inc_line(run.inc, bound))
-                if flag == "1":
+                if users_flag == "1":
                     report(f"[{path}] cache bytes, highest scraped / bound",
                            f"{w.cache_bytes_max / 2**20:,.0f} MiB / {bound / 2**20:,.0f} MiB "
                            f"({'within' if w.cache_bytes_max <= bound else 'OVER'} the bound)")
