@@ -12,7 +12,9 @@ t that the user had not engaged with, the most recent first; random negatives (w
 shown) are catalogue items the user had not engaged with before t. ``history`` lists the items the
 user had engaged with before t (what retrieval excludes). Each example also carries ``logq``, the log
 of its positive's share of the training window's engagements, for the sampling-bias correction of
-in-batch negatives.
+in-batch negatives. With ``counter_dropout`` a share of the training split's item texts (positives
+and negatives) carry a never-engaged item's counters instead of their own, so the tower does not learn
+to rank cold items out by their counters alone; validation and test examples are never changed.
 
 The result is split by time (train < validation < test) and cached as parquet under a fingerprint
 of the topics, their offsets and the options, so a rebuild happens only when the data or the recipe
