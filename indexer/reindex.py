@@ -203,9 +203,9 @@ class Reindexer:
                 rows = [(st, text) for st, text in zip(states, kind.texts(states)) if text is not None]
                 live.update(entity_id(st) for st, _ in rows)
                 fresh = [(st, text) for st, text in rows if stored.get(entity_id(st)) != fields(st)["updated_at"]]
-                if kind.name == "users" and fresh:  # as the refresher: live recall reads a user vector's lag from it
-                    claimed = self.store.claim_writes("users", self.version, {st.user_id: st.version for st, _ in fresh})
-                    fresh = [(st, text) for st, text in fresh if st.user_id in claimed]
+                if fresh:  # as the refresher: a newer vector is not replaced, and live recall reads a vector's lag
+                    claimed = self.store.claim_writes(kind.name, self.version, {entity_id(st): st.version for st, _ in fresh})
+                    fresh = [(st, text) for st, text in fresh if entity_id(st) in claimed]
                 if fresh:
                     vectors = self.encoder.encode([text for _, text in fresh])
                     state_vectors.upsert(self.index, self.version, kind.name, [st for st, _ in fresh], vectors)
