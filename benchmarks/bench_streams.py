@@ -9,8 +9,10 @@ Workload (``--workload``, stated in the output): ``sessions`` (default) replays 
 pattern at a steady total rate: sessions (a user's engagements split at 30 min gaps in
 MovieLens-100k) start as a Poisson process over random MovieLens users, each with a length and
 within-session gaps drawn from MovieLens' own (half of its gaps are 0-1 s, the rest 20 s to minutes),
-stationary from the window's start (sessions already under way then are in progress); items are
-uniform over the catalogue. ``random``: each engagement picks a random user (the former workload).
+stationary from the window's start (sessions already under way then are in progress). ``random``:
+each engagement picks a random user (the former workload). Items (``--items``): ``popularity``
+(default) draws them in proportion to their MovieLens engagements, never one the user engaged with
+before (a MovieLens user rates a film once); ``uniform`` draws any item of the catalogue alike.
 
 1. the encoder's raw capacity on MovieLens user texts (users/s), in this process;
 2. (a) MovieLens-100k replayed at full speed through a worker: events/s for state updates alone
@@ -25,9 +27,14 @@ capacity with live recall scoring off (sample rate 0), at the default rate and a
 per arm, the arms interleaved over ``--rounds`` rounds so that the machine's load hits all alike.
 ``--mode incremental`` (issue 12): state seeded in-process (no item index: users' freshness only),
 then per path (full re-encode, incremental users, incremental users and items: ``--incremental``) one
-worker through ascending rates until freshness p99
-passes 5 s (capacity = the highest rate that kept it), then half the full path's capacity and half
-the path's own; the incremental encoder's cache hits, misses by reason and bytes against the bound.
+worker through ascending rates until a run fails (freshness p99 over 5 s, or users, items or counter
+checks still queued ``--drain-max-s`` after its last event), ``--refine`` more runs bisecting
+(geometrically) between the last rate that passed and the first that failed (capacity = the highest
+rate that passed), then half the full path's capacity and half the path's own; the incremental
+encoder's cache hits, misses by reason and bytes against the bound. ``--ceiling`` adds a path: the
+full one with a tiny random LLaMA of the same tokenizer, whose encodes cost next to nothing, so its
+capacity is what the rest of the pipeline (Kafka, faust, Redis, Milvus, the producer) leaves on
+this machine: no encoder can raise a path's capacity above it.
 Freshness percentiles are interpolated from the worker's freshness histogram (bucket edges 0.05 s ...).
 Each run uses fresh prefixes and removes its keys, topics and collections afterwards.
 """
@@ -35,6 +42,7 @@ Each run uses fresh prefixes and removes its keys, topics and collections afterw
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import re
@@ -44,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -152,12 +161,19 @@ class Workload:
     items: list[str]
     lengths: list[int]  # MovieLens session lengths (engagements)
     gaps: list[float]  # MovieLens gaps between a session's consecutive engagements (s)
+    item_draw: str  # "popularity" or "uniform"
+    weights: list[int]  # per item of ``items``: its MovieLens engagements
+    seen: dict[str, set[str]]  # user -> items engaged with (MovieLens, then every engagement scheduled)
 
     @classmethod
-    def from_movielens(cls, kind: str, engagements: list[EngagementEvent], users: list[str], items: list[str]) -> "Workload":
+    def from_movielens(cls, kind: str, engagements: list[EngagementEvent], users: list[str], items: list[str],
+                       item_draw: str = "popularity") -> "Workload":
         by_user: dict[str, list[float]] = {}
+        seen: dict[str, set[str]] = {}
         for ev in engagements:
             by_user.setdefault(ev.user_id, []).append(ev.ts.timestamp())
+            seen.setdefault(ev.user_id, set()).add(ev.item_id)
+        counts = Counter(ev.item_id for ev in engagements)
         lengths, gaps = [], []
         for times in by_user.values():
             times.sort()
@@ -170,16 +186,28 @@ class Workload:
                     gaps.append(b - a)
                     n += 1
             lengths.append(n)
-        return cls(kind, users, items, lengths, gaps)
+        return cls(kind, users, items, lengths, gaps, item_draw, [counts[i] for i in items], seen)
+
+    def item(self, rng: random.Random, user: str) -> str:
+        """An item for ``user``'s next engagement (see ``--items``), remembered as seen."""
+        seen = self.seen.setdefault(user, set())
+        for _ in range(100):
+            item = rng.choices(self.items, weights=self.weights)[0] if self.item_draw == "popularity" else rng.choice(self.items)
+            if item not in seen or self.item_draw == "uniform":
+                break
+        seen.add(item)
+        return item
 
     def describe(self) -> str:
+        items = (f"items by MovieLens popularity over {len(self.items)}, none the user engaged with before"
+                 if self.item_draw == "popularity" else f"items uniform over {len(self.items)}")
         if self.kind == "random":
-            return f"random: each engagement a uniform random user of {len(self.users)} and item of {len(self.items)}"
+            return f"random: each engagement a uniform random user of {len(self.users)}; {items}"
         g = statistics.quantiles(self.gaps, n=4)
         return (f"sessions: MovieLens' {len(self.lengths)} sessions (split at {SESSION_GAP_S / 60:.0f} min gaps), length mean "
                 f"{statistics.mean(self.lengths):.1f} / median {statistics.median(self.lengths):.0f}, within-session gaps "
                 f"p25/p50/p75 {g[0]:.0f}/{g[1]:.0f}/{g[2]:.0f} s (mean {statistics.mean(self.gaps):.0f} s); Poisson session "
-                f"starts over {len(self.users)} users, stationary; items uniform over {len(self.items)}")
+                f"starts over {len(self.users)} users, stationary; {items}")
 
     def schedule(self, rate: float, seconds: float, seed: int) -> list[tuple[float, str, str]]:
         """(send time from the window's start, user, item) for ``seconds`` at ``rate`` engagements/s on average."""
@@ -188,7 +216,8 @@ class Workload:
         if self.kind == "random":
             t = 0.0
             while (t := t + rng.expovariate(rate)) < seconds:
-                out.append((t, rng.choice(self.users), rng.choice(self.items)))
+                user = rng.choice(self.users)
+                out.append((t, user, self.item(rng, user)))
             return out
         # Sessions start at rate / mean length from far enough back that the window sees the stationary mix.
         starts_per_s = rate / statistics.mean(self.lengths)
@@ -202,7 +231,7 @@ class Workload:
                 if at >= seconds:
                     break
                 if at >= 0:
-                    out.append((at, user, rng.choice(self.items)))
+                    out.append((at, user, self.item(rng, user)))
         return sorted(out)
 
 
@@ -290,6 +319,7 @@ class Run:
     drained: bool
     inc: dict[str, float]
     item_encodes: float = 0.0
+    item_q: tuple[float, ...] = ()  # items' freshness p50/p95/p99 (s): their newest event to their vector
 
     @property
     def ok(self) -> bool:
@@ -298,7 +328,8 @@ class Run:
     def line(self) -> str:
         p50, p95, p99 = self.q
         tail = "" if self.drained else "  NOT DRAINED within the limit: p99 > 5 s"
-        return (f"{p50:.2f} / {p95:.2f} / {p99:.2f}  ({self.sent} engagements, {self.encodes:.0f} user encodes, "
+        items = f"; items {' / '.join(f'{x:.2f}' for x in self.item_q)}" if self.item_q else ""
+        return (f"{p50:.2f} / {p95:.2f} / {p99:.2f}{items}  ({self.sent} engagements, {self.encodes:.0f} user encodes, "
                 f"{self.item_encodes:.0f} item encodes){tail}")
 
 
@@ -310,7 +341,7 @@ def measure(w: Worker, s: Settings, store: StateStore, rate: float, args: argpar
             seed: int) -> Run:
     """One steady run on a running worker: ``--lead-s`` at the rate unmeasured (the sessions the window
     starts in are under way: their users were seen), then send, wait until applied and drained (at most
-    ``--drain-max-s``)."""
+    ``--drain-max-s``): no user or item queued, no item's counters waiting for their bucket check."""
     snapshot: list[dict] = []
     plan = steady(s, rate, args.steady_s, workload, seed, args.lead_s, lambda: snapshot.append(w.metrics()))
     before = snapshot[0] if snapshot else w.metrics()
@@ -318,7 +349,8 @@ def measure(w: Worker, s: Settings, store: StateStore, rate: float, args: argpar
          - total(before, "onetower_events_total", topic="engagements") >= len(plan))
     drained = True
     try:
-        wait("drained", lambda: store.dirty_count("users") == 0, timeout=args.drain_max_s, every=0.5)
+        wait("drained", lambda: store.dirty_count("users") + store.dirty_count("items") + store.unchecked_count() == 0,
+             timeout=args.drain_max_s, every=0.5)
     except SystemExit:
         drained = False
     after = w.metrics()
@@ -329,8 +361,9 @@ def measure(w: Worker, s: Settings, store: StateStore, rate: float, args: argpar
     inc["cache_bytes"] = total(after, "onetower_incremental_cache_bytes")
     inc["cache_users"] = total(after, "onetower_incremental_cache_users")
     encodes = total(after, "onetower_encoded_total", kind="users") - total(before, "onetower_encoded_total", kind="users")
+    item_encodes = total(after, "onetower_encoded_total", kind="items") - total(before, "onetower_encoded_total", kind="items")
     run = Run(rate, len(plan), encodes, freshness_quantiles(before, after, "users", (0.5, 0.95, 0.99)), drained, inc,
-              total(after, "onetower_encoded_total", kind="items") - total(before, "onetower_encoded_total", kind="items"))
+              item_encodes, tuple(freshness_quantiles(before, after, "items", (0.5, 0.95, 0.99))) if item_encodes else ())
     if not drained:  # leave nothing for the next run
         clear_dirty(store)
         time.sleep(2 * s.refresh_debounce_s)
@@ -416,30 +449,42 @@ def incremental_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
         report("raw ONNX encoder capacity, MovieLens user texts (users/s)", f"{raw:.2f}  ({tokens:.0f} tokens/user)")
         bound = base.incremental_cache_bytes or (psutil.virtual_memory().total // 8)
         rates = args.rates or [raw * f for f in (0.5, 1, 2, 4, 8, 16)]
-        flags = {"full": ("0", "0"), "incremental": ("1", "0"), "incremental+items": ("1", "1")}  # (users, items)
+        flags = {"full": ("0", "0"), "incremental": ("1", "0"), "incremental+items": ("1", "1"), "ceiling": ("0", "0")}  # (users, items)
         chosen = {"off": ["full"], "on": ["incremental"], "both": ["full", "incremental"], "items": ["incremental+items"],
-                  "all": list(flags)}[args.incremental]
+                  "both-items": ["full", "incremental+items"], "all": ["full", "incremental", "incremental+items"]}[args.incremental] + (["ceiling"] if args.ceiling else [])
         capacity: dict[str, float] = {}
         halves: dict[str, list[tuple[str, Run]]] = {}
         for path in chosen:
             users_flag, items_flag = flags[path]
-            w = Worker(s, args.model, refresh=True, log=logdir / f"inc-{path}.log",
+            model = tiny_artifact(logdir / "tiny") if path == "ceiling" else args.model
+            w = Worker(s, model, refresh=True, log=logdir / f"inc-{path}.log",
                        env={"ONETOWER_INCREMENTAL_USERS": users_flag, "ONETOWER_INCREMENTAL_ITEMS": items_flag,
                             "ONETOWER_LIVE_RECALL_SAMPLE_RATE": "0"})
             try:
                 ready(w, s, store, args, workload)
                 report(f"[{path}] worker up; load", load())
-                best = 0.0
-                for n, rate in enumerate(rates):
+                best, failed, refined, ladder = 0.0, 0.0, 0, iter(rates)
+                for n in itertools.count():
+                    if not failed:  # up the ladder until a rate fails
+                        rate = next(ladder, None)
+                    elif best and refined < args.refine:  # then halve the gap (geometrically)
+                        rate, refined = (best * failed) ** 0.5, refined + 1
+                    else:
+                        rate = None
+                    if rate is None:
+                        break
                     run = measure(w, s, store, rate, args, workload, seed=10_000 * len(capacity) + n)  # fresh engagements per path
                     report(f"[{path}] {rate:.2f} engagements/s: freshness p50/p95/p99 (s)", f"{run.line()}  load {load()}")
                     if users_flag == "1":
                         report(f"[{path}]   cache", inc_line(run.inc, bound))
-                    if not run.ok:
-                        break
-                    best = rate
+                    if run.ok:
+                        best = rate
+                    else:
+                        failed = rate
                 capacity[path] = best
-                report(f"[{path}] capacity: highest rate tried with p99 <= 5 s (engagements/s)", f"{best:.2f}")
+                report(f"[{path}] capacity: highest rate tried that passed (engagements/s)", f"{best:.2f}")
+                if path == "ceiling":
+                    continue
                 targets = [("half its own capacity", best / 2)]
                 if path != "full" and "full" in capacity:
                     targets.insert(0, ("half the full path's capacity", capacity["full"] / 2))
@@ -458,9 +503,20 @@ def incremental_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
             finally:
                 w.stop()
         for path in (p for p in capacity if p != "full" and capacity.get("full", 0) > 0):
-            report(f"capacity {path} / full", f"{capacity[path] / capacity['full']:.1f}x  (target >= 5x)")
+            report(f"capacity {path} / full", f"{capacity[path] / capacity['full']:.1f}x" + ("" if path == "ceiling" else "  (target >= 5x)"))
     finally:
         cleanup(s)
+
+
+def tiny_artifact(root: Path) -> Path:
+    """A tiny random LLaMA with SmolLM2's tokenizer, exported (the ceiling path's model)."""
+    from models.export import export_artifact
+    from models.testing import tiny_llama
+    from models.tower import build_tower
+
+    base = tiny_llama(root / "llama")
+    export_artifact(build_tower(str(base), max_seq_length=256), root / "artifact", base_model=str(base), version="tiny_ceiling")
+    return root / "artifact"
 
 
 def inc_line(inc: dict[str, float], bound: int) -> str:
@@ -479,6 +535,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=("all", "live-recall", "incremental"), default="all",
                     help="all: the sections above; live-recall: issue 13; incremental: issue 12")
     ap.add_argument("--workload", choices=("sessions", "random"), default="sessions", help="how steady engagements pick users")
+    ap.add_argument("--items", choices=("popularity", "uniform"), default="popularity", help="how steady engagements pick items")
     ap.add_argument("--steady-s", type=float, default=40.0, help="seconds per steady-rate run")
     ap.add_argument("--drain-max-s", type=float, default=60.0,
                     help="a run still draining this long after its last event counts as p99 > 5 s")
@@ -487,10 +544,12 @@ def main() -> None:
                     help="unmeasured seconds at a run's rate before its window (its sessions' earlier engagements)")
     ap.add_argument("--rounds", type=int, default=2, help="live-recall: rounds of the interleaved arms")
     ap.add_argument("--rate", type=float, default=0.0, help="live-recall: engagements/s [default: half the raw capacity]")
-    ap.add_argument("--incremental", choices=("off", "on", "both", "items", "all"), default="both",
+    ap.add_argument("--incremental", choices=("off", "on", "both", "items", "both-items", "all"), default="both",
                     help="incremental: the paths measured (off: full; on: users incremental; items: users and items "
-                         "incremental; both: off and on; all: the three)")
+                         "incremental; both: off and on; both-items: off and items; all: the three)")
     ap.add_argument("--rates", type=float, nargs="*", help="incremental: ascending engagements/s [default: raw x 0.5, 1, 2, 4...]")
+    ap.add_argument("--refine", type=int, default=1, help="incremental: runs bisecting between the last rate passed and the first failed")
+    ap.add_argument("--ceiling", action="store_true", help="incremental: also the full path with a tiny model (the pipeline's ceiling)")
     ap.add_argument("--raw-users", type=int, default=128, help="user texts the raw capacity is measured on")
     args = ap.parse_args()
     base = Settings()
@@ -506,7 +565,7 @@ def main() -> None:
     ml_users = [ev.user_id for ev in by_kind["users"]]
     ml_items = [ev.item_id for ev in by_kind["items"]]
     dirtying = len(by_kind["users"]) + len(by_kind["items"]) + len(by_kind["engagements"])
-    workload = Workload.from_movielens(args.workload, by_kind["engagements"], ml_users, ml_items)
+    workload = Workload.from_movielens(args.workload, by_kind["engagements"], ml_users, ml_items, args.items)
     report("started (UTC) / CPUs / load average 1/5/15 min", f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} / {os.cpu_count()} / {load()}")
     report("model / mode / steady seconds a run", f"{args.model} / {args.mode} / {args.steady_s:g}")
     report("workload", workload.describe())

@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     recent_impressions_len: int = Field(default=100, ge=1, description="recent impressions kept per user (features, debugging)")
     refresh_lease_s: float = Field(default=30.0, gt=0.0, description="a popped dirty entity returns to the queue if not acknowledged within this")
     percentile_refresh_s: float = Field(default=300.0, gt=0.0, description="how often the worker refits the popularity percentile tables")
+    bucket_hysteresis: int = Field(default=5, ge=1, le=100, description="an item is re-encoded for its counters when one "
+                                   "of its percentile buckets moved by this many points since it was last queued (1: every move)")
     incremental_users: bool = Field(default=False, description="re-encode users through cached keys/values when the served "
                                     "tower is causal (models/incremental.py); items and bidirectional towers keep the full path")
     incremental_items: bool = Field(default=False, description="with incremental_users, items too: a counter change "

@@ -9,6 +9,12 @@ state version of the newest vector written for that entity (an older render is s
 finding the lease under another token, queues the entity once more (closing the gap between the
 check and the upsert).
 
+Order of a round: catalogue changes, users, then items whose popularity buckets moved (by
+``bucket_hysteresis`` points: ``streams/state.py``). Those come last because a popularity change can
+wait and a user's new engagement should not; while a full batch of users waits they still get
+1/``COUNTER_TRICKLE`` of a batch a round, so a wave of moves (a percentile refit) neither holds users
+back nor is starved by them.
+
 With ``incremental_users`` on and a causal tower served, users are re-encoded through cached keys/values
 (``models/incremental.py``: only a new history entry's tokens are computed; same vectors); with
 ``incremental_items`` too, items are (only the tokens from the first changed counter on); the rest,
@@ -48,6 +54,7 @@ STALE_WRITES = Counter("onetower_stale_writes_skipped_total",
 TABLES_RELOAD_S = 1.0  # how stale this worker's copy of the percentile tables may get
 BUCKET_CHECK_S = 1.0  # how often items whose counters changed are checked for a bucket move
 ERROR_BACKOFF_S = 1.0
+COUNTER_TRICKLE = 8  # while a full batch of users waits, items whose buckets moved get 1/8 of a batch a round
 
 
 @dataclass(frozen=True)
@@ -93,18 +100,17 @@ class Refresher:
         self._tables_loaded = time.monotonic()
 
     def run_once(self) -> int:
-        """Refit the tables when due, queue items whose bucket moved, then one micro-batch of items
-        (first: users' texts show item features) and one of users. Returns the entities handled."""
+        """Refit the tables when due, queue items whose buckets moved, then one micro-batch each of:
+        catalogue changes (first: users' texts show item features), users, and items whose buckets
+        moved, last, and only a trickle of those while users wait (``COUNTER_TRICKLE``): a popularity
+        change can wait, a user's new engagement should not. Returns the entities handled."""
         try:
             self._maintain_tables()
-            done = 0
+            batch = self.settings.refresh_batch
             settled = int((time.time() - self.settings.refresh_debounce_s) * 1000)
-            for kind in ("items", "users"):
-                lease = self.store.pop_dirty(kind, self.settings.refresh_batch, settled)
-                if lease.ids:
-                    done += self.refresh_isolating(kind, lease)
-                metrics.DIRTY.labels(kind).set(self.store.dirty_count(kind))
-            return done
+            done = self._refresh_queued("items", batch, settled, counter_moves=False)
+            users = self._refresh_queued("users", batch, settled)
+            return done + users + self._refresh_queued("items", batch if users < batch else max(batch // COUNTER_TRICKLE, 1), settled)
         except redis.RedisError as exc:
             metrics.REDIS_ERRORS.inc()
             log.warning("redis call failed; retrying", extra={"error": str(exc)})
@@ -116,6 +122,13 @@ class Refresher:
             log.exception("refresh step failed; retrying")
         time.sleep(ERROR_BACKOFF_S)
         return 0
+
+    def _refresh_queued(self, kind: Kind, limit: int, settled: int, *, counter_moves: bool = True) -> int:
+        """Pop up to ``limit`` settled entities of ``kind`` and refresh them; the entities handled."""
+        lease = self.store.pop_dirty(kind, limit, settled, counter_moves=counter_moves)
+        done = self.refresh_isolating(kind, lease) if lease.ids else 0
+        metrics.DIRTY.labels(kind).set(self.store.dirty_count(kind))
+        return done
 
     def refresh_isolating(self, kind: Kind, lease: Lease, ids: Sequence[str] | None = None) -> int:
         """``refresh``, bisecting a batch that fails on its data so that one bad entity costs only

@@ -28,14 +28,17 @@ of the id modulo ``settings.redis_shards``; every key ends in a type suffix, so 
 ``P{s<n>}u:<uid>:i``            zset    recent impressions: item -> event time, capped
 ``P{s<n>}i:<iid>:m``            hash    ``ts`` (latest event time reflected), ``fts`` (features event time),
                                         ``cts`` (newest counter event time), ``deleted``, ``n`` (counter
-                                        changes), ``b`` (JSON percentile buckets at the last check), ``v``
-                                        (state version: +1 by each feature or counter change)
+                                        changes), ``b`` (JSON percentile buckets when the item was last
+                                        queued for its counters: ``bucket_hysteresis`` points away from
+                                        them queues it again), ``v`` (state version: +1 by each feature
+                                        or counter change)
 ``P{s<n>}i:<iid>:f``            hash    feature -> JSON value (replaced by each newer item event)
 ``P{s<n>}i:<iid>:c:<sig>``      hash    hour bucket -> count, per signal (impressions, engagements)
 ``P{s<n>}dirty:<kind>``         zset    the shard's entities waiting for re-encoding -> wall-clock ms of
                                         first dirt
-``P{s<n>}dirty:items:counts``   zset    items whose percentile bucket moved, the same (popped only after
-                                        ``dirty:items``: a new item never waits behind a wave of moves)
+``P{s<n>}dirty:items:counts``   zset    items whose percentile buckets moved, the same (popped after
+                                        ``dirty:items``, and after users: a new item or a user never waits
+                                        behind a wave of moves)
 ``P{s<n>}inflight:<kind>``      zset    entities popped for re-encoding -> lease deadline (wall-clock ms)
 ``P{s<n>}lease:<kind>``         hash    entities popped for re-encoding -> the token of their current lease
 ``P{s<n>}quarantine:<kind>``    hash    entities whose re-encoding failed on their own data -> the reason
@@ -193,6 +196,14 @@ def _now_ms() -> int:
 def _digest(event: Event) -> str:
     """What an event's claims hold: the same for a replay of the event, another for another event."""
     return hashlib.blake2b(event.model_dump_json().encode(), digest_size=8).hexdigest()
+
+
+def _moved(stored: Mapping[str, int], buckets: Mapping[str, int], at_least: int) -> bool:
+    """Whether an item's buckets moved far enough from those stored when it was last queued to queue it
+    again: a counter appeared or went, or one moved by ``at_least`` points or more. A smaller drift
+    accumulates against the stored buckets, so a served item's buckets stay within about
+    ``at_least - 1`` points of its current ones however slowly they move."""
+    return stored.keys() != buckets.keys() or any(abs(b - stored[name]) >= at_least for name, b in buckets.items())
 
 
 def _counters(buckets: Sequence[Mapping[bytes, bytes]], as_of_ms: int) -> dict[str, int]:
@@ -429,7 +440,7 @@ class StateStore:
 
     def refresh_percentile_tables(self, batch: int = 1000) -> dict[str, PercentileTable]:
         """Refit every counter's table on all items' counts, store it, and mark dirty every item
-        whose bucket moved (the buckets are part of the item's text)."""
+        whose buckets moved (``bucket_hysteresis``; the buckets are part of the item's text)."""
         ids = list(dict.fromkeys(self.item_ids()))
         states = [st for start in range(0, len(ids), batch) for st in self.items(ids[start:start + batch]) if st]
         if not states:
@@ -446,7 +457,7 @@ class StateStore:
 
     def check_buckets(self, limit: int = 1000, tables: Mapping[str, PercentileTable] | None = None) -> list[str]:
         """Items whose counters changed (about ``limit``, an even share from each shard): mark dirty
-        those whose percentile bucket moved; returns them.
+        those whose percentile buckets moved by ``bucket_hysteresis`` points or more; returns them.
 
         The check is off the event path (so an event stays one script call per shard) and crash-safe:
         an item leaves ``counted`` only after its new buckets are stored and its dirty mark is set.
@@ -474,14 +485,13 @@ class StateStore:
         # uncount. A crash between them costs one encode more, never a missed move.
         pipe = self.r.pipeline(transaction=False)
         for st, prev in zip(states, previous):
-            buckets = json.dumps({name: tables[name].bucket(st.counters[name]) for name in COUNTER_NAMES if name in tables},
-                                 sort_keys=True)
-            if prev is not None and prev.decode() == buckets:
+            buckets = {name: tables[name].bucket(st.counters[name]) for name in COUNTER_NAMES if name in tables}
+            if prev is not None and not _moved(json.loads(prev), buckets, self.settings.bucket_hysteresis):
                 continue
             if st.features and not st.deleted:  # no stored buckets yet: its vector has none either
                 pipe.zadd(self.keys.near(st.item_id, "dirty:items:counts"), {st.item_id: now}, nx=True)
                 moved.append(st.item_id)
-            pipe.hset(self._i(st.item_id, "m"), "b", buckets)
+            pipe.hset(self._i(st.item_id, "m"), "b", json.dumps(buckets, sort_keys=True))
         pipe.execute()
         self._run([(self._uncount, [self.keys.in_shard(shard, "counted")], [x for iid in group for x in (iid, change_no[iid])])
                    for shard, group in self._by_shard(list(change_no)).items()])
@@ -545,11 +555,12 @@ class StateStore:
             pipe.zadd(self.keys.in_shard(shard, f"dirty:{kind}"), {id_: ids_with_ts[id_] for id_ in group}, nx=True)
         pipe.execute()
 
-    def pop_dirty(self, kind: Kind, limit: int, settled_before_ms: int) -> Lease:
+    def pop_dirty(self, kind: Kind, limit: int, settled_before_ms: int, *, counter_moves: bool = True) -> Lease:
         """Take up to ``limit`` entities dirty since before ``settled_before_ms`` (plus any whose
         lease expired), leased for ``refresh_lease_s`` under a new token: call ``ack_dirty`` after
         their vectors are upserted; unacknowledged ones return to the queue when the lease ends (a
-        crashed worker), and then another popper's token replaces this one.
+        crashed worker), and then another popper's token replaces this one. ``counter_moves=False``
+        leaves the items queued for a bucket move only (``dirty:items:counts``) where they are.
 
         Every shard's first queue is served before any shard's second. Fair across shards: each round
         asks every shard that may hold more for an even share of what is still wanted (starting at a
@@ -559,7 +570,8 @@ class StateStore:
         token, now, lease_ms = uuid.uuid4().hex, _now_ms(), int(self.settings.refresh_lease_s * 1000)
         start = random.randrange(self.keys.shards)
         taken: list[str] = []
-        for served in range(1, len(self._queue_names(kind)) + 1):
+        queues = len(self._queue_names(kind)) if counter_moves else 1
+        for served in range(1, queues + 1):
             shards = [(start + n) % self.keys.shards for n in range(self.keys.shards)]
             while shards and len(taken) < limit:
                 asked = shards[:limit - len(taken)]

@@ -73,9 +73,11 @@ def movielens(local_stack: Settings) -> Slice:
 
 
 def run_settings(base: Settings, tag: str) -> Settings:
-    """A unique prefix; leases short (a killed worker's batch comes back soon) and a debounce longer
-    than the refresher's table reload, so an item is never encoded with tables older than its check."""
-    return isolated(base, tag, refresh_lease_s=3.0, refresh_debounce_s=1.5)
+    """A unique prefix; leases short (a killed worker's batch comes back soon), a debounce longer than
+    the refresher's table reload, so an item is never encoded with tables older than its check, and
+    every bucket move re-encoded, so both runs end on the final buckets (with a hysteresis an item's
+    vector may keep buckets a few points off, and which ones depends on when it was last encoded)."""
+    return isolated(base, tag, refresh_lease_s=3.0, refresh_debounce_s=1.5, bucket_hysteresis=1)
 
 
 @pytest.fixture()

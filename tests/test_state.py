@@ -246,6 +246,36 @@ def test_items_are_dirty_for_counters_only_when_their_bucket_moves(store: StateS
     assert store.unchecked_count() == 0
 
 
+def test_bucket_moves_below_the_hysteresis_accumulate_until_they_reach_it(store: StateStore) -> None:
+    """Item k has k impressions (k = 0..99): the tables put a count c about c points up, so n more
+    impressions move an item about n points (one either way: the percentiles' rounding)."""
+    strict = StateStore(store.r, store.settings.model_copy(update={"bucket_hysteresis": 1}))
+    loose = StateStore(store.r, store.settings.model_copy(update={"bucket_hysteresis": 5}))
+    ids = [f"i{k}" for k in range(100)]
+    loose.apply_many([ItemEvent(item_id=i, features={"title": i}, ts=at(T0)) for i in ids])
+    loose.apply_many([ImpressionEvent(user_id="u", item_id=f"i{k}", ts=at(T0 + n)) for k in range(100) for n in range(k)])
+    tables = loose.refresh_percentile_tables()
+    assert abs(tables["impressions_24h"].bucket(60) - tables["impressions_24h"].bucket(50) - 10) <= 1  # the test's premise
+    loose.ack_dirty("items", loose.pop_dirty("items", 1000, settled_before_ms=ALL_SETTLED))
+    assert loose.check_buckets() == []
+    sent = iter(range(1000, 2000))
+
+    def impressions(item: str, n: int) -> None:
+        loose.apply_many([ImpressionEvent(user_id="v", item_id=item, ts=at(T0 + next(sent))) for _ in range(n)])
+
+    impressions("i50", 2)
+    impressions("i60", 1)
+    assert loose.check_buckets() == []  # about 2 and 1 points: below 5
+    impressions("i50", 8)
+    assert loose.check_buckets() == ["i50"]  # about 2 + 8 points from the buckets it was last queued with
+    impressions("i50", 1)
+    impressions("i60", 1)
+    assert loose.check_buckets() == []  # i50 counted from its new buckets: about 1 point; i60 about 2
+    impressions("i60", 1)
+    assert strict.check_buckets() == ["i60"]  # every move counts at 1
+    assert loose.dirty_count("items") == 2
+
+
 def test_ids_are_scanned_per_prefix(store: StateStore, any_redis: Settings) -> None:
     other = StateStore.from_settings(any_redis.model_copy(update={"redis_key_prefix": any_redis.redis_key_prefix + "x:"}))
     try:
