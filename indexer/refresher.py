@@ -10,10 +10,10 @@ finding the lease under another token, queues the entity once more (closing the 
 check and the upsert).
 
 Order of a round: catalogue changes, users, then items whose popularity buckets moved (by
-``bucket_hysteresis`` points: ``streams/state.py``). Those come last because a popularity change can
-wait and a user's new engagement should not; while a full batch of users waits they still get
-1/``COUNTER_TRICKLE`` of a batch a round, so a wave of moves (a percentile refit) neither holds users
-back nor is starved by them.
+``bucket_hysteresis`` points: ``streams/state.py``), in batches of 1/``COUNTER_TRICKLE`` of the
+others'. A popularity change can wait and a user's new engagement should not: a user waits behind
+at most one small batch of moves, and a wave of moves (a percentile refit) drains round by round
+without holding users back or being starved by them.
 
 With ``incremental_users`` on and a causal tower served, users are re-encoded through cached keys/values
 (``models/incremental.py``: only a new history entry's tokens are computed; same vectors); with
@@ -54,7 +54,7 @@ STALE_WRITES = Counter("onetower_stale_writes_skipped_total",
 TABLES_RELOAD_S = 1.0  # how stale this worker's copy of the percentile tables may get
 BUCKET_CHECK_S = 1.0  # how often items whose counters changed are checked for a bucket move
 ERROR_BACKOFF_S = 1.0
-COUNTER_TRICKLE = 8  # while a full batch of users waits, items whose buckets moved get 1/8 of a batch a round
+COUNTER_TRICKLE = 8  # items whose buckets moved are refreshed 1/8 of a batch a round
 
 
 @dataclass(frozen=True)
@@ -101,16 +101,15 @@ class Refresher:
 
     def run_once(self) -> int:
         """Refit the tables when due, queue items whose buckets moved, then one micro-batch each of:
-        catalogue changes (first: users' texts show item features), users, and items whose buckets
-        moved, last, and only a trickle of those while users wait (``COUNTER_TRICKLE``): a popularity
-        change can wait, a user's new engagement should not. Returns the entities handled."""
+        catalogue changes (first: users' texts show item features), users, and a small one of items
+        whose buckets moved (see the module's docstring). Returns the entities handled."""
         try:
             self._maintain_tables()
             batch = self.settings.refresh_batch
             settled = int((time.time() - self.settings.refresh_debounce_s) * 1000)
             done = self._refresh_queued("items", batch, settled, counter_moves=False)
-            users = self._refresh_queued("users", batch, settled)
-            return done + users + self._refresh_queued("items", batch if users < batch else max(batch // COUNTER_TRICKLE, 1), settled)
+            done += self._refresh_queued("users", batch, settled)
+            return done + self._refresh_queued("items", max(batch // COUNTER_TRICKLE, 1), settled)
         except redis.RedisError as exc:
             metrics.REDIS_ERRORS.inc()
             log.warning("redis call failed; retrying", extra={"error": str(exc)})

@@ -76,19 +76,21 @@ def test_an_older_render_written_after_a_newer_one_does_not_win(srv: Settings, t
     assert store.dirty_count("users") == 0
 
 
-def test_bucket_moves_wait_behind_users_with_a_trickle_until_users_caught_up(srv: Settings, tiny_model: Path) -> None:  # noqa: F811
-    r = refresher(srv.model_copy(update={"refresh_batch": 8, "refresh_debounce_s": 0.0}), Encoder.load(tiny_model))
+def test_bucket_moves_come_after_users_in_small_batches(srv: Settings, tiny_model: Path) -> None:  # noqa: F811
+    r = refresher(srv.model_copy(update={"refresh_batch": 16, "refresh_debounce_s": 0.0}), Encoder.load(tiny_model))
     store = r.store
     items = [f"m{n}" for n in range(20)]
     store.apply_many([ItemEvent(item_id=i, features={"title": f"Movie {i}"}, ts=at(T0)) for i in items])
     store.ack_dirty("items", store.pop_dirty("items", 100, int(time.time() * 1000) + 1))
     store.refresh_percentile_tables()  # no buckets stored yet: every item is queued for a bucket move
     assert store.dirty_count("items") == 20
-    store.apply_many([UserEvent(user_id=f"u{n}", features={"age": 20 + n}, ts=at(T0)) for n in range(8)])
+    store.apply_many([UserEvent(user_id=f"u{n}", features={"age": 20 + n}, ts=at(T0)) for n in range(16)]
+                     + [ItemEvent(item_id="new", features={"title": "New"}, ts=at(T0))])
 
-    assert r.run_once() == 8 + 1  # a full batch of users waited: the moves get a trickle (8 // 8)
-    assert store.dirty_count("users") == 0 and store.dirty_count("items") == 19
-    assert r.run_once() == 8  # users caught up: a full batch of moves
-    assert store.dirty_count("items") == 11
-    written = r.index.client.query(r.index.collection("items", r.version), ids=items, output_fields=["id"], consistency_level="Strong")
-    assert len(written) == 9
+    assert r.run_once() == 1 + 16 + 2  # the new item, a full batch of users, then 16 // 8 moves
+    assert store.dirty_count("users") == 0 and store.dirty_count("items") == 18
+    assert r.run_once() == 2
+    assert store.dirty_count("items") == 16
+    written = r.index.client.query(r.index.collection("items", r.version), ids=items + ["new"], output_fields=["id"],
+                                   consistency_level="Strong")
+    assert len(written) == 5
