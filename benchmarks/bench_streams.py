@@ -552,6 +552,7 @@ def main() -> None:
     ap.add_argument("--ceiling", action="store_true", help="incremental: also the full path with a tiny model (the pipeline's ceiling)")
     ap.add_argument("--raw-users", type=int, default=128, help="user texts the raw capacity is measured on")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still stops its workers and cleans up
     base = Settings()
     logdir = Path(tempfile.mkdtemp(prefix="bench-streams-"))
     rows: list[tuple[str, str]] = []
