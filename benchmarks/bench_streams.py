@@ -42,6 +42,7 @@ Each run uses fresh prefixes and removes its keys, topics and collections afterw
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import random
@@ -437,75 +438,89 @@ def live_recall_mode(args: argparse.Namespace, base: Settings, by_kind: dict, wo
         cleanup(s)
 
 
+PATHS = {"full": ("0", "0"), "incremental": ("1", "0"), "incremental+items": ("1", "1"), "ceiling": ("0", "0")}  # (users, items)
+
+
 def incremental_mode(args: argparse.Namespace, base: Settings, by_kind: dict, workload: Workload, logdir: Path,
                      report) -> None:
-    """Issue 12: capacity and freshness of the full and the incremental user re-encoding paths, same workload."""
+    """Issue 12: capacity and freshness of the full and the incremental re-encoding paths. Each path starts
+    from the same seeded state and draws the same engagements (the counters a path's runs raise would
+    otherwise spare the next path bucket moves)."""
     events = [ev for rows in by_kind.values() for ev in rows]
     users = [ev.user_id for ev in by_kind["users"]]
-    s = fresh_settings(base)
-    try:
-        store = seed_state(s, events, None)
-        raw, tokens = raw_capacity(store, args.model, users, args.raw_users)
-        report("raw ONNX encoder capacity, MovieLens user texts (users/s)", f"{raw:.2f}  ({tokens:.0f} tokens/user)")
-        bound = base.incremental_cache_bytes or (psutil.virtual_memory().total // 8)
-        rates = args.rates or [raw * f for f in (0.5, 1, 2, 4, 8, 16)]
-        flags = {"full": ("0", "0"), "incremental": ("1", "0"), "incremental+items": ("1", "1"), "ceiling": ("0", "0")}  # (users, items)
-        chosen = {"off": ["full"], "on": ["incremental"], "both": ["full", "incremental"], "items": ["incremental+items"],
-                  "both-items": ["full", "incremental+items"], "all": ["full", "incremental", "incremental+items"]}[args.incremental] + (["ceiling"] if args.ceiling else [])
-        capacity: dict[str, float] = {}
-        halves: dict[str, list[tuple[str, Run]]] = {}
-        for path in chosen:
-            users_flag, items_flag = flags[path]
+    chosen = {"off": ["full"], "on": ["incremental"], "both": ["full", "incremental"], "items": ["incremental+items"],
+              "both-items": ["full", "incremental+items"], "all": ["full", "incremental", "incremental+items"]}[args.incremental]
+    chosen += ["ceiling"] if args.ceiling else []
+    bound = base.incremental_cache_bytes or (psutil.virtual_memory().total // 8)
+    rates = args.rates
+    capacity: dict[str, float] = {}
+    for path in chosen:
+        s = fresh_settings(base)
+        try:
+            started = time.monotonic()
+            store = seed_state(s, events, None)
+            report(f"[{path}] state seeded in", f"{time.monotonic() - started:.0f} s")
+            if not capacity:
+                raw, tokens = raw_capacity(store, args.model, users, args.raw_users)
+                report("raw ONNX encoder capacity, MovieLens user texts (users/s)", f"{raw:.2f}  ({tokens:.0f} tokens/user)")
+                rates = rates or [raw * f for f in (0.5, 1, 2, 4, 8, 16)]
             model = tiny_artifact(logdir / "tiny") if path == "ceiling" else args.model
-            w = Worker(s, model, refresh=True, log=logdir / f"inc-{path}.log",
-                       env={"ONETOWER_INCREMENTAL_USERS": users_flag, "ONETOWER_INCREMENTAL_ITEMS": items_flag,
-                            "ONETOWER_LIVE_RECALL_SAMPLE_RATE": "0"})
-            try:
-                ready(w, s, store, args, workload)
-                report(f"[{path}] worker up; load", load())
-                best, failed, refined, ladder = 0.0, 0.0, 0, iter(rates)
-                for n in itertools.count():
-                    if not failed:  # up the ladder until a rate fails
-                        rate = next(ladder, None)
-                    elif best and refined < args.refine:  # then halve the gap (geometrically)
-                        rate, refined = (best * failed) ** 0.5, refined + 1
-                    else:
-                        rate = None
-                    if rate is None:
-                        break
-                    run = measure(w, s, store, rate, args, workload, seed=10_000 * len(capacity) + n)  # fresh engagements per path
-                    report(f"[{path}] {rate:.2f} engagements/s: freshness p50/p95/p99 (s)", f"{run.line()}  load {load()}")
-                    if users_flag == "1":
-                        report(f"[{path}]   cache", inc_line(run.inc, bound))
-                    if run.ok:
-                        best = rate
-                    else:
-                        failed = rate
-                capacity[path] = best
-                report(f"[{path}] capacity: highest rate tried that passed (engagements/s)", f"{best:.2f}")
-                if path == "ceiling":
-                    continue
-                targets = [("half its own capacity", best / 2)]
-                if path != "full" and "full" in capacity:
-                    targets.insert(0, ("half the full path's capacity", capacity["full"] / 2))
-                for name, rate in targets:
-                    if rate <= 0:
-                        continue
-                    run = measure(w, s, store, rate, args, workload, seed=10_000 * len(capacity) + 1000 + len(halves.get(path, [])))
-                    halves.setdefault(path, []).append((name, run))
-                    report(f"[{path}] {name}, {rate:.2f} engagements/s: freshness p50/p95/p99 (s)", f"{run.line()}  load {load()}")
-                    if users_flag == "1":
-                        report(f"[{path}]   cache", inc_line(run.inc, bound))
-                if users_flag == "1":
-                    report(f"[{path}] cache bytes, highest scraped / bound",
-                           f"{w.cache_bytes_max / 2**20:,.0f} MiB / {bound / 2**20:,.0f} MiB "
-                           f"({'within' if w.cache_bytes_max <= bound else 'OVER'} the bound)")
-            finally:
-                w.stop()
-        for path in (p for p in capacity if p != "full" and capacity.get("full", 0) > 0):
-            report(f"capacity {path} / full", f"{capacity[path] / capacity['full']:.1f}x" + ("" if path == "ceiling" else "  (target >= 5x)"))
+            fresh = dataclasses.replace(workload, seen={u: set(items) for u, items in workload.seen.items()})
+            capacity[path] = measure_path(path, model, s, store, rates, capacity.get("full", 0.0), args, fresh, logdir, bound, report)
+        finally:
+            cleanup(s)
+    for path in (p for p in capacity if p != "full" and capacity.get("full", 0) > 0):
+        report(f"capacity {path} / full", f"{capacity[path] / capacity['full']:.1f}x" + ("" if path == "ceiling" else "  (target >= 5x)"))
+
+
+def measure_path(path: str, model: Path, s: Settings, store: StateStore, rates: list[float], full_capacity: float,
+                 args: argparse.Namespace, workload: Workload, logdir: Path, bound: int, report) -> float:
+    """One worker of ``path`` up the ladder of ``rates`` (then ``--refine`` bisections), then at half the full
+    path's capacity and half its own; returns its capacity."""
+    users_flag, items_flag = PATHS[path]
+    w = Worker(s, model, refresh=True, log=logdir / f"inc-{path}.log",
+               env={"ONETOWER_INCREMENTAL_USERS": users_flag, "ONETOWER_INCREMENTAL_ITEMS": items_flag,
+                    "ONETOWER_LIVE_RECALL_SAMPLE_RATE": "0"})
+
+    def run_at(name: str, rate: float, seed: int) -> Run:
+        run = measure(w, s, store, rate, args, workload, seed=seed)
+        report(f"[{path}] {name}{rate:.2f} engagements/s: freshness p50/p95/p99 (s)", f"{run.line()}  load {load()}")
+        if users_flag == "1":
+            report(f"[{path}]   cache", inc_line(run.inc, bound))
+        return run
+
+    try:
+        ready(w, s, store, args, workload)
+        report(f"[{path}] worker up; load", load())
+        best, failed, refined, ladder = 0.0, 0.0, 0, iter(rates)
+        for n in itertools.count():
+            if not failed:  # up the ladder until a rate fails
+                rate = next(ladder, None)
+            elif best and refined < args.refine:  # then halve the gap (geometrically)
+                rate, refined = (best * failed) ** 0.5, refined + 1
+            else:
+                rate = None
+            if rate is None:
+                break
+            if run_at("", rate, seed=n).ok:  # the same seeds on every path: the same engagements
+                best = rate
+            else:
+                failed = rate
+        report(f"[{path}] capacity: highest rate tried that passed (engagements/s)", f"{best:.2f}")
+        if path != "ceiling":
+            targets = [("half its own capacity, ", best / 2)]
+            if path != "full" and full_capacity:
+                targets.insert(0, ("half the full path's capacity, ", full_capacity / 2))
+            for n, (name, rate) in enumerate(targets):
+                if rate > 0:
+                    run_at(name, rate, seed=1000 + n)
+        if users_flag == "1":
+            report(f"[{path}] cache bytes, highest scraped / bound",
+                   f"{w.cache_bytes_max / 2**20:,.0f} MiB / {bound / 2**20:,.0f} MiB "
+                   f"({'within' if w.cache_bytes_max <= bound else 'OVER'} the bound)")
+        return best
     finally:
-        cleanup(s)
+        w.stop()
 
 
 def tiny_artifact(root: Path) -> Path:
