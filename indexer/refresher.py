@@ -153,8 +153,7 @@ class Refresher:
             self._tables_loaded = time.monotonic()
             log.info("percentile tables refitted", extra={"items": max((t.n for t in self._tables.values()), default=0)})
         elif time.monotonic() - self._tables_loaded > TABLES_RELOAD_S:
-            # No tables yet (no item when they were last fitted): fit as soon as items exist.
-            self._tables = self.store.percentile_tables() or self.store.refresh_percentile_tables()
+            self._tables = self.store.percentile_tables()
             self._tables_loaded = time.monotonic()
         if time.monotonic() - self._buckets_checked > BUCKET_CHECK_S:
             self.store.check_buckets(limit=10 * self.settings.refresh_batch, tables=self._tables)
@@ -168,6 +167,10 @@ class Refresher:
     def encode(self, kind: Kind, ids: Sequence[str]) -> Rendered:
         """Read the states of ``ids`` once (the text encoded, the updated_at and the version stored
         with it describe the same state) and encode those that have a text."""
+        if kind == "items" and not self._tables:
+            # No tables yet (no item when they were last fitted): fit them now that items exist. Not on
+            # a timer: the fit scans the keyspace, and an idle worker would scan it every second.
+            self._tables = self.store.percentile_tables() or self.store.refresh_percentile_tables()
         states: Sequence[Any] = self.store.items(ids) if kind == "items" else self.store.users(ids)
         live = [(i, st, text) for i, st, text in zip(ids, states, state_vectors.texts(kind, states, self.store, self._tables, self.encoder))
                 if text is not None]

@@ -94,3 +94,29 @@ def test_bucket_moves_come_after_users_in_small_batches(srv: Settings, tiny_mode
     written = r.index.client.query(r.index.collection("items", r.version), ids=items + ["new"], output_fields=["id"],
                                    consistency_level="Strong")
     assert len(written) == 5
+
+
+class CountingStore(StateStore):
+    """The real store, counting its percentile fits (each one scans the keyspace)."""
+
+    fits = 0
+
+    def refresh_percentile_tables(self, batch: int = 1000) -> dict:
+        self.fits += 1
+        return super().refresh_percentile_tables(batch)
+
+
+def test_an_idle_worker_fits_no_tables_until_items_come(srv: Settings, tiny_model: Path) -> None:  # noqa: F811
+    settings = srv.model_copy(update={"refresh_debounce_s": 0.0})
+    store = CountingStore(StateStore.from_settings(settings).r, settings)
+    r = Refresher(settings, store, Encoder.load(tiny_model), MilvusStore(settings))
+    r.start()
+    assert store.fits == 1 and store.percentile_tables() == {}  # nothing to fit on yet
+    for _ in range(3):
+        r._tables_loaded = 0.0  # the tables' reload is due
+        r.run_once()
+    assert store.fits == 1  # an idle worker does not scan every second
+    store.apply(ItemEvent(item_id="m0", features={"title": "Movie m0"}, ts=at(T0)))
+    r.run_once()
+    assert store.fits == 2 and store.percentile_tables()  # fitted by the first items' refresh
+    assert stored(r.index, "items", r.version, "m0") is not None
