@@ -163,7 +163,7 @@ class Workload:
     lengths: list[int]  # MovieLens session lengths (engagements)
     gaps: list[float]  # MovieLens gaps between a session's consecutive engagements (s)
     item_draw: str  # "popularity" or "uniform"
-    weights: list[int]  # per item of ``items``: its MovieLens engagements
+    cum_weights: list[int]  # per item of ``items``: the MovieLens engagements of it and those before it
     seen: dict[str, set[str]]  # user -> items engaged with (MovieLens, then every engagement scheduled)
 
     @classmethod
@@ -187,14 +187,16 @@ class Workload:
                     gaps.append(b - a)
                     n += 1
             lengths.append(n)
-        return cls(kind, users, items, lengths, gaps, item_draw, [counts[i] for i in items], seen)
+        return cls(kind, users, items, lengths, gaps, item_draw, list(itertools.accumulate(counts[i] for i in items)), seen)
 
     def item(self, rng: random.Random, user: str) -> str:
         """An item for ``user``'s next engagement (see ``--items``), remembered as seen."""
+        if self.item_draw == "uniform":
+            return rng.choice(self.items)
         seen = self.seen.setdefault(user, set())
-        for _ in range(100):
-            item = rng.choices(self.items, weights=self.weights)[0] if self.item_draw == "popularity" else rng.choice(self.items)
-            if item not in seen or self.item_draw == "uniform":
+        for _ in range(100):  # a user who engaged with nearly every popular item keeps the 100th draw
+            item = rng.choices(self.items, cum_weights=self.cum_weights)[0]
+            if item not in seen:
                 break
         seen.add(item)
         return item

@@ -109,7 +109,10 @@ class Refresher:
             settled = int((time.time() - self.settings.refresh_debounce_s) * 1000)
             done = self._refresh_queued("items", batch, settled, counter_moves=False)
             done += self._refresh_queued("users", batch, settled)
-            return done + self._refresh_queued("items", max(batch // COUNTER_TRICKLE, 1), settled)
+            done += self._refresh_queued("items", max(batch // COUNTER_TRICKLE, 1), settled)
+            for kind in ("items", "users"):
+                metrics.DIRTY.labels(kind).set(self.store.dirty_count(kind))
+            return done
         except redis.RedisError as exc:
             metrics.REDIS_ERRORS.inc()
             log.warning("redis call failed; retrying", extra={"error": str(exc)})
@@ -125,9 +128,7 @@ class Refresher:
     def _refresh_queued(self, kind: Kind, limit: int, settled: int, *, counter_moves: bool = True) -> int:
         """Pop up to ``limit`` settled entities of ``kind`` and refresh them; the entities handled."""
         lease = self.store.pop_dirty(kind, limit, settled, counter_moves=counter_moves)
-        done = self.refresh_isolating(kind, lease) if lease.ids else 0
-        metrics.DIRTY.labels(kind).set(self.store.dirty_count(kind))
-        return done
+        return self.refresh_isolating(kind, lease) if lease.ids else 0
 
     def refresh_isolating(self, kind: Kind, lease: Lease, ids: Sequence[str] | None = None) -> int:
         """``refresh``, bisecting a batch that fails on its data so that one bad entity costs only
