@@ -87,7 +87,7 @@ class Refresher:
         incremental = for_artifact(self.encoder.artifact.path, max_bytes=self.settings.incremental_cache_bytes,
                                    kv_dtype=self.settings.incremental_kv_dtype)
         log.info("users re-encoded incrementally" if incremental else "incremental re-encoding off: the tower is not causal",
-                 extra={"version": self.version})
+                 extra={"version": self.version, "decoder": type(incremental.decoder).__name__ if incremental else None})
         return incremental
 
     def start(self) -> None:

@@ -42,6 +42,8 @@ class Manifest(BaseModel):
     training_data_range: tuple[datetime, datetime] | None = None
     created_at: datetime
     onnx: dict[Literal["fp32", "int8", "fp16"], OnnxFile]
+    decoder: OnnxFile | None = Field(default=None, description="a causal tower's decoder graph with past keys/values, "
+                                     "for incremental re-encoding (models/incremental.py)")
     parity: dict[str, float | None] = Field(default_factory=dict, description="min cosine vs torch on probe texts")
 
 
@@ -74,7 +76,7 @@ class ModelArtifact:
             )
         if "fp32" not in manifest.onnx or not (path / "modules.json").is_file():
             raise ArtifactError(f"{path}: incomplete artifact (needs modules.json and an fp32 ONNX graph)")
-        for entry in manifest.onnx.values():
+        for entry in [*manifest.onnx.values(), *([manifest.decoder] if manifest.decoder else [])]:
             for name, size in ((entry.file, entry.bytes), (entry.data_file, entry.data_bytes)):
                 if name is not None and (not (path / name).is_file() or (path / name).stat().st_size != size):
                     found = (path / name).stat().st_size if (path / name).is_file() else "no file"
@@ -88,6 +90,12 @@ class ModelArtifact:
                 f"export with --{variant}"
             )
         return self.path / self.manifest.onnx[variant].file
+
+    @property
+    def decoder_path(self) -> Path:
+        if self.manifest.decoder is None:
+            raise ArtifactError(f"model {self.version} has no decoder graph (only causal towers exported by this version have one)")
+        return self.path / self.manifest.decoder.file
 
     def load_sentence_transformer(self, device: str | None = None) -> SentenceTransformer:
         """The torch tower, e.g. to fine-tune it further."""

@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import time
+from typing import Any
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -323,44 +324,52 @@ def _timed(fn, spent: float = 0.0) -> tuple[np.ndarray, float]:
     return out, spent + time.perf_counter() - start
 
 
-def _time_incremental(tower, before: list[str], after: list[str], rounds: int,
-                      kv_dtypes: Sequence[torch.dtype]) -> tuple[list[IncrementalCell], str]:
-    """Full and incremental re-encoding of the same entities from ``before`` to ``after``, interleaved round
-    by round so that a change in the machine's load hits every path alike; the incremental caches are
-    primed (untimed) once and restored before each round."""
-    from models.incremental import IncrementalEncoder, shared_prefix
+def _time_incremental(full: dict[str, Any], incremental: dict[str, Any], before: list[str], after: list[str], rounds: int,
+                      batch: int) -> tuple[list[IncrementalCell], str]:
+    """Full and incremental re-encoding of the same entities from ``before`` to ``after``, ``batch`` entities a
+    call, interleaved round by round so that a change in the machine's load hits every path alike; the
+    incremental caches are primed (untimed) once and restored before each round. Cosines are against the
+    first full path."""
+    from models.incremental import shared_prefix
 
     keys = [f"e{i}" for i in range(len(after))]
-    full = TorchEncoder(tower)
-    incremental = {dtype: IncrementalEncoder(tower, version="bench", kv_dtype=dtype) for dtype in kv_dtypes}
-    primed = {dtype: (encoder.encode(keys, before), copy.deepcopy(encoder.cache))[1] for dtype, encoder in incremental.items()}
-    full.encode(after[:2])  # warm-up
-    seconds, cosines = dict.fromkeys(["full", *incremental], 0.0), {dtype: [] for dtype in incremental}
+    chunks = [slice(i, i + batch) for i in range(0, len(after), batch)]
+    primed = {}
+    for name, encoder in incremental.items():
+        encoder.cache.clear()
+        encoder.encode(keys, before)
+        primed[name] = copy.deepcopy(encoder.cache)
+    for encoder in full.values():
+        encoder.encode(after[:2])  # warm-up
+    seconds, cosines = dict.fromkeys([*full, *incremental], 0.0), {name: [] for name in incremental}
     for _ in range(rounds):
-        reference, seconds["full"] = _timed(lambda: full.encode(after), seconds["full"])
-        for dtype, encoder in incremental.items():
-            encoder.cache = copy.deepcopy(primed[dtype])
-            got, seconds[dtype] = _timed(lambda: encoder.encode(keys, after), seconds[dtype])
-            cosines[dtype].append(np.sum(reference * got, axis=1))
-    ids_before, ids_after = full.tokenize(before), full.tokenize(after)
+        for name, encoder in full.items():
+            got, seconds[name] = _timed(lambda: np.concatenate([encoder.encode(after[c]) for c in chunks]), seconds[name])
+            reference = got if name == next(iter(full)) else reference
+        for name, encoder in incremental.items():
+            encoder.cache = copy.deepcopy(primed[name])
+            got, seconds[name] = _timed(lambda: np.concatenate([encoder.encode(keys[c], after[c]) for c in chunks]), seconds[name])
+            cosines[name].append(np.sum(reference * got, axis=1))
+    tokenizer = next(iter(incremental.values())).tokenizer
+    ids_before, ids_after = (tokenizer(texts, truncation=True, max_length=512)["input_ids"] for texts in (before, after))
     full_tokens = float(np.mean([len(x) for x in ids_after]))
     new_tokens = float(np.mean([len(b) - shared_prefix(np.asarray(a), b) for a, b in zip(ids_before, ids_after)]))
     n = len(after) * rounds
-    cells = [IncrementalCell("full (torch, batched)", n, seconds["full"], n / seconds["full"], full_tokens)]
-    for dtype, encoder in incremental.items():
-        cos = np.concatenate(cosines[dtype])
-        cells.append(IncrementalCell(f"incremental (torch, {str(dtype).removeprefix('torch.')} KV cache)", n, seconds[dtype],
-                                     n / seconds[dtype], new_tokens, round(float(cos.min()), 6), round(float(cos.mean()), 6),
-                                     encoder.cache_bytes / len(after)))
-    return cells, f"{len(after)} x {rounds} rounds, {new_tokens:.0f} new of {full_tokens:.0f} tokens"
+    cells = [IncrementalCell(f"full ({name})", n, seconds[name], n / seconds[name], full_tokens) for name in full]
+    for name, encoder in incremental.items():
+        cos = np.concatenate(cosines[name])
+        cells.append(IncrementalCell(f"incremental ({name})", n, seconds[name], n / seconds[name], new_tokens,
+                                     round(float(cos.min()), 6), round(float(cos.mean()), 6), encoder.cache_bytes / len(after)))
+    return cells, f"{len(after)} x {rounds} rounds, {batch} a call, {new_tokens:.0f} new of {full_tokens:.0f} tokens"
 
 
 def _incremental_table(cells: list[IncrementalCell], title: str, entity: str) -> Table:
     table = Table(title=title)
+    fastest_full = max(c.per_s for c in cells if c.min_cosine is None)
     for col in ("path", f"{entity}s/s", f"ms/{entity}", "x full", f"tokens computed/{entity}", "min cos vs full", "mean cos", f"cache/{entity}"):
         table.add_column(col, justify="left" if col == "path" else "right")
     for c in cells:
-        table.add_row(c.path, f"{c.per_s:.2f}", f"{1e3 * c.seconds / c.entities:.0f}", f"{c.per_s / cells[0].per_s:.2f}",
+        table.add_row(c.path, f"{c.per_s:.2f}", f"{1e3 * c.seconds / c.entities:.0f}", f"{c.per_s / fastest_full:.2f}",
                       f"{c.tokens_each:.0f}", _fmt(c.min_cosine, ".6f"), _fmt(c.mean_cosine, ".6f"),
                       "-" if c.cache_bytes_each is None else f"{c.cache_bytes_each / 2**20:.2f} MiB")
     return table
@@ -368,26 +377,37 @@ def _incremental_table(cells: list[IncrementalCell], title: str, entity: str) ->
 
 def run_incremental(out: Path, settings: Settings, *, base: str = "smollm2", users: int = 16, rounds: int = 3, threads: int | None = None,
                     console: Console | None = None) -> dict:
-    """Full vs incremental re-encoding (fp32 and fp16 cached keys/values), side by side in one run, of
-    users after one new entry and of items after their counters moved; prints two tables and writes
-    ``bench_incremental.json`` under ``out``. The full path is the torch tower batched by token budget;
-    the incremental one runs only the tokens after the shared prefix."""
+    """Full vs incremental re-encoding, side by side in one run, of users after one new entry and of items
+    after their counters moved, each one a call (as a quiet refresher round meets them) and all in one call;
+    prints a table each and writes ``bench_incremental.json`` under ``out``.
+
+    Full: the torch tower and the exported ONNX graph (the refresher's full path), batched by token
+    budget. Incremental: the torch model and the exported ONNX decoder with past keys/values, with
+    float32 and float16 cached keys/values; only the tokens after the shared prefix are computed. "x full"
+    is against the faster full path."""
+    from models.incremental import IncrementalEncoder, OnnxDecoder
+
     console = console or Console()
     if threads:
         torch.set_num_threads(threads)
     load_before = os.getloadavg()
     tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=512, cache_dir=settings.cache_dir)
-    dtypes, threads_used = (torch.float32, torch.float16), torch.get_num_threads()
-    users_cells, users_what = _time_incremental(tower, *incremental_texts(tower.tokenizer, users), rounds, dtypes)
-    console.print(_incremental_table(users_cells, f"re-encoding a user after one new entry: {base}, {users_what}, {threads_used} threads", "user"))
-    items_cells, items_what = _time_incremental(tower, *item_counter_texts(4 * users), rounds, dtypes)
-    console.print(_incremental_table(items_cells, f"re-encoding an item after its last-hour counters moved: {base}, {items_what}, "
-                                                  f"{threads_used} threads", "item"))
-    load_after = os.getloadavg()
-    console.print(f"load average before/after {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} cores")
-    result = {"base": base, "threads": threads_used, "users": users, "items": 4 * users, "rounds": rounds,
-              "load_average_before": load_before, "load_average_after": load_after,
-              "cells": [asdict(c) for c in users_cells], "item_cells": [asdict(c) for c in items_cells]}
+    threads_used = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
+    artifact = export_artifact(tower, out / f"{Path(base).name}_incremental", version="bench", base_model=base, overwrite=True)
+    full = {"torch": TorchEncoder(tower), "onnx": Encoder.load(artifact.path, provider="cpu", threads=threads_used)}
+    incremental = {f"{backend}, {dtype.replace('float', 'fp')} KV": IncrementalEncoder(
+        tower, version="bench", kv_dtype=dtype, decoder=OnnxDecoder(artifact.decoder_path, threads=threads_used) if backend == "onnx" else None)
+        for backend in ("torch", "onnx") for dtype in ("float32", "float16")}
+    result: dict[str, Any] = {"base": base, "threads": threads_used, "users": users, "items": 4 * users, "rounds": rounds, "tables": []}
+    for entity, (before, after) in (("user", incremental_texts(tower.tokenizer, users)), ("item", item_counter_texts(4 * users))):
+        what = "after one new entry" if entity == "user" else "after its last-hour counters moved"
+        for batch in (1, len(after)):
+            cells, detail = _time_incremental(full, incremental, before, after, rounds, batch)
+            console.print(_incremental_table(cells, f"re-encoding a{'n' if entity == 'item' else ''} {entity} {what}: {base}, {detail}, "
+                                                    f"{threads_used} threads", entity))
+            result["tables"].append({"entity": entity, "batch": batch, "cells": [asdict(c) for c in cells]})
+    result["load_average_before"], result["load_average_after"] = load_before, os.getloadavg()
+    console.print(f"load average before/after {load_before[0]:.1f} / {result['load_average_after'][0]:.1f} on {os.cpu_count()} cores")
     (out / "bench_incremental.json").write_text(json.dumps(result, indent=2))
     return result

@@ -21,10 +21,10 @@ from core.settings import MATRYOSHKA_WIDTHS
 from models.artifact import MANIFEST, MIN_FP32_PARITY, ONNX_FILES, VERSION_PATTERN, Manifest, ModelArtifact, OnnxFile, default_version
 from models.encoder import Encoder, TorchEncoder
 from models.errors import ArtifactError
-from models.onnx_graph import convert_fp16, export_onnx, parameter_bytes, quantize_int8
+from models.onnx_graph import convert_fp16, export_decoder, export_onnx, parameter_bytes, quantize_int8
 from models.render import PROMPT_FORMAT_VERSION, render_item, render_user
 from models.samples import sample_items, sample_users
-from models.tower import history_block_for
+from models.tower import history_block_for, is_causal
 
 
 def probe_texts() -> list[str]:
@@ -34,12 +34,12 @@ def probe_texts() -> list[str]:
     return items + users
 
 
-def _onnx_entry(root: Path, file: str) -> OnnxFile:
-    data = root / f"{file}.data"
+def _onnx_entry(root: Path, file: str, data_file: str | None = None) -> OnnxFile:
+    data = root / (data_file or f"{file}.data")
     return OnnxFile(
         file=file,
         bytes=(root / file).stat().st_size,
-        data_file=data.name if data.is_file() else None,
+        data_file=str(data.relative_to(root)) if data.is_file() else None,
         data_bytes=data.stat().st_size if data.is_file() else None,
     )
 
@@ -59,6 +59,22 @@ def _parity(model: SentenceTransformer, root: Path, variants: list[str]) -> dict
             continue
         parity[variant] = round(float(np.min(np.sum(reference * got, axis=1))), 6)
     return parity
+
+
+def _decoder_parity(model: SentenceTransformer, root: Path, file: str) -> float:
+    """Min cosine between the incremental encoder on the ONNX decoder and torch's full encode, on probe
+    texts encoded twice: from an empty cache, then again after their first halves (a past reused)."""
+    from models.incremental import IncrementalEncoder, OnnxDecoder
+
+    texts = probe_texts()
+    keys = [str(i) for i in range(len(texts))]
+    encoder = IncrementalEncoder(model, version="parity", decoder=OnnxDecoder(root / file))
+    first = encoder.encode(keys, texts)
+    encoder.cache.clear()
+    encoder.encode(keys, [text[: len(text) // 2] for text in texts])
+    again = encoder.encode(keys, texts)
+    reference = TorchEncoder(model).encode(texts)
+    return round(float(min(np.sum(reference * first, axis=1).min(), np.sum(reference * again, axis=1).min())), 6)
 
 
 def export_artifact(
@@ -89,6 +105,7 @@ def export_artifact(
         raise ArtifactError(f"{out_dir} is not empty; choose another directory or overwrite it")
     dim = model.get_embedding_dimension()
     pooling = next(m for m in model if isinstance(m, Pooling)).pooling_mode
+    pooling = pooling[0] if isinstance(pooling, (list, tuple)) else pooling
     widths = sorted({dim, *(w for w in widths if w < dim)}, reverse=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -103,23 +120,30 @@ def export_artifact(
         if fp16:
             convert_fp16(tmp / ONNX_FILES["fp32"], tmp / ONNX_FILES["fp16"], external_data=external_data)
         variants = ["fp32"] + (["int8"] if int8 else []) + (["fp16"] if fp16 else [])
+        decoder = None
+        if is_causal(model) and pooling == "mean":
+            graph = export_decoder(model[0].auto_model, tmp / "decoder").relative_to(tmp)
+            decoder = _onnx_entry(tmp, str(graph), f"{graph}_data")
         manifest = Manifest(
             version=version,
             base_model=base_model,
             dim=dim,
             widths=widths,
             prompt_format_version=PROMPT_FORMAT_VERSION,
-            pooling=pooling[0] if isinstance(pooling, (list, tuple)) else pooling,
+            pooling=pooling,
             max_seq_length=model.max_seq_length,
             history_block=history_block or history_block_for(model),
             training_data_range=training_data_range,
             created_at=datetime.now(UTC),
             onnx={v: _onnx_entry(tmp, ONNX_FILES[v]) for v in variants},
+            decoder=decoder,
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         manifest.parity = _parity(model, tmp, variants)
-        if manifest.parity["fp32"] < MIN_FP32_PARITY:
-            raise ArtifactError(f"ONNX export does not match torch: min cosine {manifest.parity['fp32']} < {MIN_FP32_PARITY}")
+        if decoder is not None:
+            manifest.parity["decoder"] = _decoder_parity(model, tmp, decoder.file)
+        if min(manifest.parity[v] for v in ["fp32", *(["decoder"] if decoder else [])]) < MIN_FP32_PARITY:
+            raise ArtifactError(f"ONNX export does not match torch: min cosine {manifest.parity} < {MIN_FP32_PARITY}")
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.replace(out_dir)

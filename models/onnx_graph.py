@@ -12,6 +12,7 @@ from pathlib import Path
 import onnx
 import torch
 from sentence_transformers import SentenceTransformer
+from transformers import PreTrainedModel
 
 ONNX_OPSET = 17
 TWO_GB = 2**31
@@ -102,6 +103,35 @@ def export_onnx(model: SentenceTransformer, path: Path, *, external_data: bool |
         data = path.with_name(path.name + ".data")
         onnx.save_model(onnx.load(raw), path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
         return data
+
+
+def export_decoder(model: PreTrainedModel, directory: Path) -> Path:
+    """Export a causal LM as one step of a decoder: (input_ids, attention_mask, position_ids, past keys/values)
+    in, (last hidden states, present keys/values) out, for incremental re-encoding. optimum's exporter and
+    its config for the architecture, with the past as inputs; writes ``model.onnx`` (and its
+    ``model.onnx_data`` past 2 GB) into ``directory`` and returns the graph's path."""
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.exporters.tasks import TasksManager
+
+    task = "feature-extraction-with-past"
+    config = TasksManager.get_exporter_config_constructor("onnx", model=model, task=task, library_name="transformers")(
+        model.config, use_past_in_inputs=True)
+    model.to("cpu").eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory.parent) as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes it bakes in are checked by the export's parity
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")  # indices are never negative here
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter warns it is legacy
+        # A dummy of several new tokens over a past, so the traced masks are the general causal ones.
+        onnx_export_from_model(model, output=scratch, task=task, custom_onnx_configs={"model": config},
+                               do_validation=False, batch_size=2, sequence_length=7)
+        graph = onnx.load(Path(scratch) / "model.onnx", load_external_data=False)
+        # optimum declares one new token per step (generation); here a step appends a whole entry.
+        graph.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "sequence_length"
+        onnx.save_model(graph, directory / "model.onnx")
+        if (Path(scratch) / "model.onnx_data").is_file():
+            shutil.move(Path(scratch) / "model.onnx_data", directory / "model.onnx_data")
+    return directory / "model.onnx"
 
 
 def quantize_int8(fp32: Path, out: Path, *, external_data: bool) -> None:

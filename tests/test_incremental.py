@@ -1,19 +1,21 @@
 """Incremental re-encoding (models/incremental.py) and the append-only rendering it relies on, on a tiny
-LLaMA with SmolLM2's real tokenizer."""
+LLaMA with SmolLM2's real tokenizer; every encoding test runs on both decoders (torch, and the ONNX graph
+with past keys/values on onnxruntime)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from prometheus_client import REGISTRY
 from sentence_transformers import SentenceTransformer
 
 from models.encoder import TorchEncoder
 from models.errors import ModelError
-from models.incremental import IncrementalEncoder
+from models.incremental import IncrementalEncoder, OnnxDecoder
+from models.onnx_graph import export_decoder
 from models.tower import is_causal
 from models.render import render_item, render_user
 from models.samples import movie_features, sample_users
@@ -21,6 +23,7 @@ from models.testing import tiny_llama
 from models.tower import build_tower
 
 MIN_COSINE = 0.9999
+Make = Callable[..., IncrementalEncoder]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,20 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tower(llama: Path, request: pytest.FixtureRequest) -> SentenceTransformer:
     """Hidden size 64: a 512-d tower projects (Dense), a 32-d one truncates."""
     return build_tower(str(llama), dim=request.param, max_seq_length=256)
+
+
+@pytest.fixture(scope="module")
+def decoder_graph(tower: SentenceTransformer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_decoder(tower[0].auto_model, tmp_path_factory.mktemp("decoder"))
+
+
+@pytest.fixture(params=["torch", "onnx"])
+def make(tower: SentenceTransformer, decoder_graph: Path, request: pytest.FixtureRequest) -> Make:
+    """A new incremental encoder over ``tower`` on the decoder under test."""
+    def new(**kwargs) -> IncrementalEncoder:
+        decoder = OnnxDecoder(decoder_graph) if request.param == "onnx" else None
+        return IncrementalEncoder(tower, version="v1", decoder=decoder, **kwargs)
+    return new
 
 
 def tokens(tower: SentenceTransformer, text: str) -> list[int]:
@@ -105,8 +122,8 @@ def test_history_blocks_count_from_the_first_engagement_not_the_capped_history(t
     assert blocked(tower, profile, history[5:], budget, 8) != blocked(tower, profile, history, budget, 8)
 
 
-def test_appends_equal_the_full_encode_and_compute_only_new_tokens(tower: SentenceTransformer) -> None:
-    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+def test_appends_equal_the_full_encode_and_compute_only_new_tokens(tower: SentenceTransformer, make: Make) -> None:
+    encoder, full = make(), TorchEncoder(tower)
     profiles, histories = zip(*sample_users(3, seed=5, history=(4, 8)))
     ids = [f"u{i}" for i in range(3)]
     hits, computed, whole = (metric(n) for n in ("onetower_incremental_hits_total", "onetower_incremental_tokens_computed_total",
@@ -120,8 +137,8 @@ def test_appends_equal_the_full_encode_and_compute_only_new_tokens(tower: Senten
 
 
 @pytest.mark.parametrize("change", ["profile", "trimmed", "version"])
-def test_a_changed_text_or_version_is_a_miss_and_still_equals_the_full_encode(tower: SentenceTransformer, change: str) -> None:
-    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+def test_a_changed_text_or_version_is_a_miss_and_still_equals_the_full_encode(tower: SentenceTransformer, make: Make, change: str) -> None:
+    encoder, full = make(), TorchEncoder(tower)
     profile, history = user()
     budget = len(tokens(tower, sample(tower, profile, history[:6])))
     encoder.encode(["u"], [sample(tower, profile, history[:6], budget)])
@@ -137,8 +154,8 @@ def test_a_changed_text_or_version_is_a_miss_and_still_equals_the_full_encode(to
     assert encoder.cache["u"].version == encoder.version  # repopulated
 
 
-def test_an_unchanged_text_costs_no_tokens(tower: SentenceTransformer) -> None:
-    encoder = IncrementalEncoder(tower, version="v1")
+def test_an_unchanged_text_costs_no_tokens(tower: SentenceTransformer, make: Make) -> None:
+    encoder = make()
     text = sample(tower, *user(4))
     first = encoder.encode(["u"], [text])
     computed = metric("onetower_incremental_tokens_computed_total")
@@ -146,16 +163,16 @@ def test_an_unchanged_text_costs_no_tokens(tower: SentenceTransformer) -> None:
     assert metric("onetower_incremental_tokens_computed_total") == computed
 
 
-def test_the_cache_stays_within_its_byte_bound(tower: SentenceTransformer) -> None:
+def test_the_cache_stays_within_its_byte_bound(tower: SentenceTransformer, make: Make) -> None:
     texts = [sample(tower, *user(4 + i)) for i in range(4)]
-    one = IncrementalEncoder(tower, version="v1")
+    one = make()
     one.encode(["u"], texts[-1:])
     largest = one.cache_bytes
-    bounded = IncrementalEncoder(tower, version="v1", max_bytes=2 * largest)
+    bounded = make(max_bytes=2 * largest)
     bounded.encode([f"u{i}" for i in range(4)], texts)
     assert 0 < bounded.cache_bytes <= 2 * largest
     assert list(bounded.cache) == ["u2", "u3"]  # least recently used evicted first
-    tiny = IncrementalEncoder(tower, version="v1", max_bytes=largest // 2)
+    tiny = make(max_bytes=largest // 2)
     assert tiny.encode(["u"], texts[-1:]).shape == (1, tower.get_embedding_dimension())
     assert len(tiny.cache) == 0  # larger than the whole cache: encoded, not kept
 
@@ -167,8 +184,8 @@ def test_a_bidirectional_tower_is_refused() -> None:
         IncrementalEncoder(minilm, version="v1")
 
 
-def test_a_batch_mixing_cached_and_uncached_users_equals_the_full_encode(tower: SentenceTransformer) -> None:
-    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+def test_a_batch_mixing_cached_and_uncached_users_equals_the_full_encode(tower: SentenceTransformer, make: Make) -> None:
+    encoder, full = make(), TorchEncoder(tower)
     (p0, h0), (p1, h1) = sample_users(2, seed=9, history=(6, 6))
     encoder.encode(["cached"], [sample(tower, p0, h0[:5])])
     texts = [sample(tower, p0, h0), sample(tower, p1, h1[:1])]
@@ -178,21 +195,20 @@ def test_a_batch_mixing_cached_and_uncached_users_equals_the_full_encode(tower: 
     assert min_cosine(np.stack([e.vector for e in got]), full.encode(texts)) >= MIN_COSINE
 
 
-def test_float16_keys_values_halve_their_bytes_and_keep_the_vectors(tower: SentenceTransformer) -> None:
-    exact, half, full = IncrementalEncoder(tower, version="v1"), IncrementalEncoder(tower, version="v1", kv_dtype=torch.float16), TorchEncoder(tower)
+def test_float16_keys_values_halve_their_bytes_and_keep_the_vectors(tower: SentenceTransformer, make: Make) -> None:
+    exact, half, full = make(), make(kv_dtype="float16"), TorchEncoder(tower)
     profile, history = user(8)
     for encoder in (exact, half):
         encoder.encode(["u"], [sample(tower, profile, history[:7])])
     text = sample(tower, profile, history)
     assert min_cosine(half.encode(["u"], [text]), full.encode([text])) >= MIN_COSINE
     exact.encode(["u"], [text])
-    assert half.cache["u"].cache.layers[0].keys.dtype == torch.float16
-    kv = lambda e: sum(layer.keys.nbytes + layer.values.nbytes for layer in e.cache["u"].cache.layers)  # noqa: E731
-    assert kv(half) == kv(exact) // 2 and half.cache_bytes < exact.cache_bytes  # the running sums stay float32
+    assert half.cache["u"].kv.dtype == np.float16
+    assert half.cache["u"].kv.nbytes == exact.cache["u"].kv.nbytes // 2 and half.cache_bytes < exact.cache_bytes  # the running sums stay float32
 
 
-def test_a_token_budget_splits_the_batches_and_keeps_the_vectors(tower: SentenceTransformer, monkeypatch: pytest.MonkeyPatch) -> None:
-    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+def test_a_token_budget_splits_the_batches_and_keeps_the_vectors(tower: SentenceTransformer, make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder, full = make(), TorchEncoder(tower)
     users = sample_users(4, seed=2, history=(6, 6))
     encoder.encode([f"u{i}" for i in range(4)], [sample(tower, p, h[:5]) for p, h in users])
     texts = [sample(tower, p, h) for p, h in users]
@@ -203,8 +219,8 @@ def test_a_token_budget_splits_the_batches_and_keeps_the_vectors(tower: Sentence
     assert sizes == [1, 1, 1, 1]  # each user's past and new tokens fill the budget alone
 
 
-def test_an_items_changed_counters_reuse_its_features_prefix(tower: SentenceTransformer) -> None:
-    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+def test_an_items_changed_counters_reuse_its_features_prefix(tower: SentenceTransformer, make: Make) -> None:
+    encoder, full = make(), TorchEncoder(tower)
     features = movie_features(7)
     before = render_item(features, {"impressions_7d": 40, "engagements_1h": 1, "engagements_7d": 55})
     after = render_item(features, {"impressions_7d": 40, "engagements_1h": 98, "engagements_7d": 57})
@@ -217,9 +233,28 @@ def test_an_items_changed_counters_reuse_its_features_prefix(tower: SentenceTran
     assert np.array_equal(encoder.cache["items:7"].ids, tokens(tower, after))  # the cache holds the new text
 
 
-def test_a_text_that_is_a_prefix_of_the_cached_one_still_gets_its_own_vector(tower: SentenceTransformer) -> None:
-    encoder, full = IncrementalEncoder(tower, version="v1"), TorchEncoder(tower)
+def test_a_text_that_is_a_prefix_of_the_cached_one_still_gets_its_own_vector(tower: SentenceTransformer, make: Make) -> None:
+    encoder, full = make(), TorchEncoder(tower)
     profile, history = user(6)
     longer, shorter = sample(tower, profile, history), sample(tower, profile, history[:3])
     encoder.encode(["u"], [longer])
     assert min_cosine(encoder.encode(["u"], [shorter]), full.encode([shorter])) >= MIN_COSINE
+
+
+def test_the_model_bench_measures_every_path_against_the_full_encode(llama: Path, tmp_path: Path) -> None:
+    """``onetower model bench --incremental`` on the tiny LLaMA: full (torch, ONNX) and incremental (torch and
+    ONNX decoders, fp32 and fp16 keys/values) side by side, users and items, one a call and batched."""
+    import io
+
+    from rich.console import Console
+
+    from core.settings import Settings
+    from models.bench import run_incremental
+
+    result = run_incremental(tmp_path, Settings(), base=str(llama), users=2, rounds=1, console=Console(file=io.StringIO()))
+    assert [(t["entity"], t["batch"]) for t in result["tables"]] == [("user", 1), ("user", 2), ("item", 1), ("item", 8)]
+    for table in result["tables"]:
+        full, incremental = table["cells"][:2], table["cells"][2:]
+        assert [c["path"] for c in full] == ["full (torch)", "full (onnx)"] and len(incremental) == 4
+        assert all(c["min_cosine"] >= MIN_COSINE and c["tokens_each"] < full[0]["tokens_each"] for c in incremental)
+    assert (tmp_path / "bench_incremental.json").is_file()

@@ -104,6 +104,36 @@ def test_onnx_parity_with_torch(artifact, tower):
     assert artifact.manifest.parity["int8"] == pytest.approx(cos["int8"], abs=1e-4)
 
 
+def test_a_causal_towers_artifact_carries_its_decoder_graph(artifact, tower, tmp_path):
+    """The decoder with past keys/values in and out, for incremental re-encoding: onnxruntime's states
+    and keys/values equal torch's, for several new tokens over a left-padded past."""
+    from models.incremental import OnnxDecoder, TorchDecoder
+
+    assert artifact.manifest.decoder.file == "decoder/model.onnx" and artifact.manifest.parity["decoder"] >= 0.9999
+    onnx_decoder, torch_decoder = OnnxDecoder(artifact.decoder_path), TorchDecoder(tower[0].auto_model)
+    assert onnx_decoder.kv_shape == torch_decoder.kv_shape == (2, 2, 16)
+    layers, heads, head_dim = onnx_decoder.kv_shape
+    rng = np.random.default_rng(0)
+    past = rng.standard_normal((layers, 2, 2, heads, 5, head_dim)).astype(np.float32)
+    mask = np.array([[0, 0, 1, 1, 1, 1, 1, 1, 1, 0], [1] * 10], dtype=np.int64)  # row 0: a past of 3, 4 new tokens
+    input_ids = rng.integers(10, 1000, (2, 5))
+    positions = np.array([[3, 4, 5, 6, 7], [5, 6, 7, 8, 9]])
+    (states, present), (expected, expected_present) = (d(input_ids, mask, positions, past) for d in (onnx_decoder, torch_decoder))
+    np.testing.assert_allclose(states[0, :4], expected[0, :4], atol=1e-4)
+    np.testing.assert_allclose(states[1], expected[1], atol=1e-4)
+    for (keys, values), (expected_keys, expected_values) in zip(present, expected_present):
+        np.testing.assert_allclose(keys, expected_keys, atol=1e-4)
+        np.testing.assert_allclose(values, expected_values, atol=1e-4)
+    no_decoder = _copy(artifact, tmp_path / "no-decoder")
+    manifest = json.loads((no_decoder / MANIFEST).read_text())
+    (no_decoder / "decoder" / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="decoder/model.onnx: missing"):
+        ModelArtifact.load(no_decoder)
+    (no_decoder / MANIFEST).write_text(json.dumps({**manifest, "decoder": None}))
+    with pytest.raises(ArtifactError, match="no decoder graph"):
+        ModelArtifact.load(no_decoder).decoder_path
+
+
 def test_encode_order_batching_and_shapes(artifact):
     encoder = Encoder.load(artifact.path, threads=1)
     texts = TEXTS[::-1]
@@ -175,6 +205,7 @@ def test_minilm_export_parity(tmp_path):
     art = export_artifact(tower, tmp_path / "minilm", base_model="minilm")
     assert art.manifest.parity["fp32"] >= 0.999
     assert art.version.startswith("minilm_")
+    assert art.manifest.decoder is None  # bidirectional: nothing to reuse
 
 
 def _copy(artifact: ModelArtifact, dst: Path) -> Path:

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from models.texts import item_texts, user_texts
 from indexer.milvus import MilvusStore
 from models.encoder import Encoder
+from models.incremental import OnnxDecoder
 from core.settings import Settings
 from streams.events import EngagementEvent, ItemEvent, UserEvent
 from indexer.refresher import Refresher
@@ -34,7 +35,7 @@ def test_users_and_items_are_refreshed_incrementally_with_the_full_paths_vectors
     settings = srv.model_copy(update={"incremental_users": True, "incremental_items": True})
     r = Refresher(settings, StateStore.from_settings(settings), encoder, MilvusStore(settings))
     r.start()
-    assert r.incremental is not None
+    assert isinstance(r.incremental.decoder, OnnxDecoder)  # the artifact carries its decoder graph
     r.store.apply_many([ItemEvent(item_id=f"m{i}", features={"title": f"Movie {i}", "year": 1990 + i}, ts=at(T0)) for i in range(3)]
                        + [UserEvent(user_id="u", features={"age": 30}, ts=at(T0))])
     r.refresh("items", r.store.pop_dirty("items", 10, int(time.time() * 1000) + 1))
