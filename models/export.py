@@ -85,6 +85,7 @@ def export_artifact(
     base_model: str,
     int8: bool = False,
     fp16: bool = False,
+    decoder: bool = True,
     training_data_range: tuple[datetime, datetime] | None = None,
     widths: Sequence[int] = MATRYOSHKA_WIDTHS,
     external_data: bool | None = None,
@@ -94,6 +95,8 @@ def export_artifact(
     """Write a complete artifact atomically (a scratch directory renamed into place) and check its parity.
 
     The fp32 graph must match torch (min cosine >= 0.999 on probe texts) or nothing is written.
+    ``decoder``: also write a causal, mean-pooled tower's decoder graph with past keys/values (for incremental
+    re-encoding; as large as the model).
     ``history_block``: how the model's user texts are trimmed (default: ``history_block_for`` the tower);
     a trained tower passes what its training data was rendered with.
     """
@@ -120,10 +123,10 @@ def export_artifact(
         if fp16:
             convert_fp16(tmp / ONNX_FILES["fp32"], tmp / ONNX_FILES["fp16"], external_data=external_data)
         variants = ["fp32"] + (["int8"] if int8 else []) + (["fp16"] if fp16 else [])
-        decoder = None
-        if is_causal(model) and pooling == "mean":
+        decoder_file = None
+        if decoder and is_causal(model) and pooling == "mean":
             graph = export_decoder(model[0].auto_model, tmp / "decoder").relative_to(tmp)
-            decoder = _onnx_entry(tmp, str(graph), f"{graph}_data")
+            decoder_file = _onnx_entry(tmp, str(graph), f"{graph}_data")
         manifest = Manifest(
             version=version,
             base_model=base_model,
@@ -136,13 +139,13 @@ def export_artifact(
             training_data_range=training_data_range,
             created_at=datetime.now(UTC),
             onnx={v: _onnx_entry(tmp, ONNX_FILES[v]) for v in variants},
-            decoder=decoder,
+            decoder=decoder_file,
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         manifest.parity = _parity(model, tmp, variants)
-        if decoder is not None:
-            manifest.parity["decoder"] = _decoder_parity(model, tmp, decoder.file)
-        if min(manifest.parity[v] for v in ["fp32", *(["decoder"] if decoder else [])]) < MIN_FP32_PARITY:
+        if decoder_file is not None:
+            manifest.parity["decoder"] = _decoder_parity(model, tmp, decoder_file.file)
+        if min(manifest.parity[v] for v in ["fp32", *(["decoder"] if decoder_file else [])]) < MIN_FP32_PARITY:
             raise ArtifactError(f"ONNX export does not match torch: min cosine {manifest.parity} < {MIN_FP32_PARITY}")
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -36,6 +36,8 @@ def export(
     version: Optional[str] = typer.Option(None, help="model version (letters, digits, '_') [default: <base>_<UTC time>]"),
     int8: bool = typer.Option(False, "--int8", help="also write a dynamic int8 graph (MatMul, per channel)"),
     fp16: bool = typer.Option(False, "--fp16", help="also write an fp16 graph (for GPUs)"),
+    decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="a causal tower's decoder graph with past keys/values, for "
+                                 "incremental re-encoding (as large as the model; without it incremental runs on torch)"),
     pooling: str = typer.Option("mean", help="mean or lasttoken"),
     overwrite: bool = typer.Option(False, help="replace a non-empty OUT"),
 ) -> None:
@@ -52,7 +54,7 @@ def export(
         with console.status(f"building and exporting the {base} tower"):
             tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=settings.max_seq_length, pooling=pooling,
                                 cache_dir=settings.cache_dir)
-            artifact = export_artifact(tower, out, version=version, base_model=base, int8=int8, fp16=fp16, overwrite=overwrite)
+            artifact = export_artifact(tower, out, version=version, base_model=base, int8=int8, fp16=fp16, decoder=decoder, overwrite=overwrite)
     except ModelError as exc:
         raise fail(str(exc)) from None
     parity = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in artifact.manifest.parity.items())

@@ -276,6 +276,10 @@ def test_cli_export_and_info(llama_dir, tmp_path):
     result = runner.invoke(app, ["model", "export", "--base", str(llama_dir), "--out", str(out), "--version", "cli_v1"])
     assert result.exit_code == 0, result.output
     assert "cli_v1" in result.output and ModelArtifact.load(out).manifest.version == "cli_v1"
+    assert "decoder 1.0000" in result.output and ModelArtifact.load(out).manifest.decoder is not None
+    lean = runner.invoke(app, ["model", "export", "--base", str(llama_dir), "--out", str(tmp_path / "lean"), "--no-decoder"])
+    assert lean.exit_code == 0 and ModelArtifact.load(tmp_path / "lean").manifest.decoder is None
+    assert not (tmp_path / "lean" / "decoder").exists()
     info = runner.invoke(app, ["model", "info", str(out)])
     assert info.exit_code == 0 and '"version": "cli_v1"' in info.output
     bad = runner.invoke(app, ["model", "export", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
