@@ -240,9 +240,10 @@ class IncrementalEncoder:
         for module in self.head:
             features = module(features)
         vectors = features["sentence_embedding"].float().cpu().numpy()
-        return [Entry(self.version, np.asarray(row, dtype=np.int32), _row(present, r, width - p, width + len(tokens), self.kv_dtype),
-                      sums[r], vectors[r])
-                for r, (row, p, tokens) in enumerate(zip(ids, past, new))]
+        # The past's keys/values come back unchanged: only the new tokens' are converted and appended.
+        return [Entry(self.version, np.asarray(row, dtype=np.int32),
+                      np.concatenate([e.kv, _row(present, r, width, width + len(tokens), self.kv_dtype)], axis=3), sums[r], vectors[r])
+                for r, (e, row, tokens) in enumerate(zip(entries, ids, new))]
 
 
 def shared_prefix(cached: np.ndarray, ids: list[int]) -> int:
@@ -277,7 +278,7 @@ def _stack(entries: list[Entry], width: int) -> np.ndarray:
 
 
 def _row(present: Present, r: int, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-    """Row ``r``'s keys/values at positions ``start:stop`` of a batch's, copied out in ``dtype`` (no view keeps the batch alive)."""
+    """Row ``r``'s keys/values at positions ``start:stop`` of a batch's, copied out in ``dtype``."""
     kv = np.empty((len(present), 2, present[0][0].shape[1], stop - start, present[0][0].shape[3]), dtype=dtype)
     for layer, (keys, values) in enumerate(present):
         kv[layer, 0], kv[layer, 1] = keys[r, :, start:stop], values[r, :, start:stop]
