@@ -31,7 +31,10 @@ worker through ascending rates until a run fails (freshness p99 over 5 s, or use
 checks still queued ``--drain-max-s`` after its last event), ``--refine`` more runs bisecting
 (geometrically) between the last rate that passed and the first that failed (capacity = the highest
 rate that passed), then half the full path's capacity and half the path's own; the incremental
-encoder's cache hits, misses by reason and bytes against the bound. ``--ceiling`` adds a path: the
+encoder's cache hits, misses by reason and bytes against the bound. Before each run an incremental
+path's worker encodes the users of the sessions under way at its start (unmeasured; ``--no-prime`` to
+skip), so that its cache is in the state a worker running all along would have: a session's first
+engagement in the window then misses only when the cache's bound has evicted its user. ``--ceiling`` adds a path: the
 full one with a tiny random LLaMA of the same tokenizer, whose encodes cost next to nothing, so its
 capacity is what the rest of the pipeline (Kafka, faust, Redis, Milvus, the producer) leaves on
 this machine: no encoder can raise a path's capacity above it.
@@ -212,8 +215,9 @@ class Workload:
                 f"p25/p50/p75 {g[0]:.0f}/{g[1]:.0f}/{g[2]:.0f} s (mean {statistics.mean(self.gaps):.0f} s); Poisson session "
                 f"starts over {len(self.users)} users, stationary; {items}")
 
-    def schedule(self, rate: float, seconds: float, seed: int) -> list[tuple[float, str, str]]:
-        """(send time from the window's start, user, item) for ``seconds`` at ``rate`` engagements/s on average."""
+    def schedule(self, rate: float, seconds: float, seed: int) -> Schedule:
+        """(send time from the window's start, user, item) for ``seconds`` at ``rate`` engagements/s on average,
+        and the users whose sessions were under way when it starts."""
         rng = random.Random(seed)
         out: list[tuple[float, str, str]] = []
         if self.kind == "random":
@@ -221,29 +225,47 @@ class Workload:
             while (t := t + rng.expovariate(rate)) < seconds:
                 user = rng.choice(self.users)
                 out.append((t, user, self.item(rng, user)))
-            return out
+            return Schedule(out, [])
         # Sessions start at rate / mean length from far enough back that the window sees the stationary mix.
         starts_per_s = rate / statistics.mean(self.lengths)
         horizon = 4 * SESSION_GAP_S
         t = -horizon
+        under_way: dict[str, float] = {}  # user -> their session's last engagement before the start
         while (t := t + rng.expovariate(starts_per_s)) < seconds:
-            user, at = rng.choice(self.users), t
+            user, at, last = rng.choice(self.users), t, None
             for n in range(rng.choice(self.lengths)):
                 if n:
                     at += rng.choice(self.gaps)
                 if at >= seconds:
                     break
-                if at >= 0:
+                if at < 0:
+                    last = at
+                else:
                     out.append((at, user, self.item(rng, user)))
-        return sorted(out)
+                    if last is not None:
+                        under_way[user] = max(last, under_way.get(user, last))
+        return Schedule(sorted(out), sorted(under_way, key=under_way.__getitem__))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A steady run's engagements, and the users of the sessions under way at its start (their last
+    engagement before it, oldest first): a worker that had been running would have just encoded them."""
+
+    events: list[tuple[float, str, str]]
+    under_way: list[str]
 
 
 def steady(s: Settings, rate: float, seconds: float, workload: Workload, seed: int, lead_s: float = 0.0,
-           at_lead=None) -> list[tuple[float, str, str]]:
+           at_lead=None, before=None) -> list[tuple[float, str, str]]:
     """Send engagements now-stamped at ``rate``/s on average for ``lead_s + seconds`` (``workload``'s pattern,
-    one process throughout, so sessions under way at the lead's end go on), calling ``at_lead`` when the lead
-    ends; returns those sent after it."""
-    plan = workload.schedule(rate, lead_s + seconds, seed)
+    one process throughout, so sessions under way at the lead's end go on), calling ``before`` with the
+    users of the sessions under way at the lead's start first and ``at_lead`` when the lead ends; returns
+    those sent after it."""
+    schedule = workload.schedule(rate, lead_s + seconds, seed)
+    if before is not None:
+        before(schedule.under_way)
+    plan = schedule.events
     sent = 0
     with EventProducer(s, linger_ms=5) as producer:
         start = time.monotonic()
@@ -323,6 +345,7 @@ class Run:
     inc: dict[str, float]
     item_encodes: float = 0.0
     item_q: tuple[float, ...] = ()  # items' freshness p50/p95/p99 (s): their newest event to their vector
+    primed: int = 0  # users of the sessions under way, encoded before the lead (``measure``'s ``prime``)
 
     @property
     def ok(self) -> bool:
@@ -332,8 +355,9 @@ class Run:
         p50, p95, p99 = self.q
         tail = "" if self.drained else "  NOT DRAINED within the limit: p99 > 5 s"
         items = f"; items {' / '.join(f'{x:.2f}' for x in self.item_q)}" if self.item_q else ""
+        primed = f", {self.primed} under-way users primed" if self.primed else ""
         return (f"{p50:.2f} / {p95:.2f} / {p99:.2f}{items}  ({self.sent} engagements, {self.encodes:.0f} user encodes, "
-                f"{self.item_encodes:.0f} item encodes){tail}")
+                f"{self.item_encodes:.0f} item encodes{primed}){tail}")
 
 
 INC_METRICS = ("onetower_incremental_hits_total", "onetower_incremental_tokens_computed_total",
@@ -341,12 +365,26 @@ INC_METRICS = ("onetower_incremental_hits_total", "onetower_incremental_tokens_c
 
 
 def measure(w: Worker, s: Settings, store: StateStore, rate: float, args: argparse.Namespace, workload: Workload,
-            seed: int) -> Run:
+            seed: int, prime: bool = False) -> Run:
     """One steady run on a running worker: ``--lead-s`` at the rate unmeasured (the sessions the window
     starts in are under way: their users were seen), then send, wait until applied and drained (at most
-    ``--drain-max-s``): no user or item queued, no item's counters waiting for their bucket check."""
+    ``--drain-max-s``): no user or item queued, no item's counters waiting for their bucket check.
+
+    ``prime``: first, unmeasured, the worker re-encodes the users of the sessions under way at the lead's
+    start, in the order of their last engagement before it, as a worker that had been running would have
+    done after those engagements. An incremental path's cache then holds them (within its bound) as in
+    its steady state; without it every such session's next engagement meets a cold cache."""
     snapshot: list[dict] = []
-    plan = steady(s, rate, args.steady_s, workload, seed, args.lead_s, lambda: snapshot.append(w.metrics()))
+    primed: list[str] = []
+
+    def warm(users: list[str]) -> None:
+        now = int(time.time() * 1000) - 60_000  # settled: past the debounce, oldest first
+        store.mark_dirty("users", {u: now + i for i, u in enumerate(users)})
+        wait("under-way sessions encoded", lambda: store.dirty_count("users") == 0, timeout=3600, every=0.5)
+        primed.extend(users)
+
+    plan = steady(s, rate, args.steady_s, workload, seed, args.lead_s, lambda: snapshot.append(w.metrics()),
+                  warm if prime else None)
     before = snapshot[0] if snapshot else w.metrics()
     wait("steady events applied", lambda: total(w.metrics(), "onetower_events_total", topic="engagements")
          - total(before, "onetower_events_total", topic="engagements") >= len(plan))
@@ -366,7 +404,8 @@ def measure(w: Worker, s: Settings, store: StateStore, rate: float, args: argpar
     encodes = total(after, "onetower_encoded_total", kind="users") - total(before, "onetower_encoded_total", kind="users")
     item_encodes = total(after, "onetower_encoded_total", kind="items") - total(before, "onetower_encoded_total", kind="items")
     run = Run(rate, len(plan), encodes, freshness_quantiles(before, after, "users", (0.5, 0.95, 0.99)), drained, inc,
-              item_encodes, tuple(freshness_quantiles(before, after, "items", (0.5, 0.95, 0.99))) if item_encodes else ())
+              item_encodes, tuple(freshness_quantiles(before, after, "items", (0.5, 0.95, 0.99))) if item_encodes else (),
+              len(primed))
     if not drained:  # leave nothing for the next run
         clear_dirty(store)
         time.sleep(2 * s.refresh_debounce_s)
@@ -485,7 +524,7 @@ def measure_path(path: str, model: Path, s: Settings, store: StateStore, rates: 
                     "ONETOWER_LIVE_RECALL_SAMPLE_RATE": "0"})
 
     def run_at(name: str, rate: float, seed: int) -> Run:
-        run = measure(w, s, store, rate, args, workload, seed=seed)
+        run = measure(w, s, store, rate, args, workload, seed=seed, prime=args.prime and users_flag == "1")
         report(f"[{path}] {name}{rate:.2f} engagements/s: freshness p50/p95/p99 (s)", f"{run.line()}  load {load()}")
         if users_flag == "1":
             report(f"[{path}]   cache", inc_line(run.inc, bound))
@@ -559,6 +598,9 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured seconds at 1 engagement/s after a worker starts")
     ap.add_argument("--lead-s", type=float, default=0.0,
                     help="unmeasured seconds at a run's rate before its window (its sessions' earlier engagements)")
+    ap.add_argument("--prime", action=argparse.BooleanOptionalAction, default=True,
+                    help="incremental: before each run, an incremental path's worker encodes the users of the sessions "
+                         "under way (its steady-state cache; --no-prime: a cache that only the lead-in warms)")
     ap.add_argument("--rounds", type=int, default=2, help="live-recall: rounds of the interleaved arms")
     ap.add_argument("--rate", type=float, default=0.0, help="live-recall: engagements/s [default: half the raw capacity]")
     ap.add_argument("--incremental", choices=("off", "on", "both", "items", "both-items", "all"), default="both",
