@@ -44,10 +44,10 @@ def _onnx_entry(root: Path, file: str, data_file: str | None = None) -> OnnxFile
     )
 
 
-def _parity(model: SentenceTransformer, root: Path, variants: list[str]) -> dict[str, float | None]:
-    """Min cosine between each ONNX variant and torch; None where this machine cannot run the variant."""
+def _parity(reference: np.ndarray, root: Path, variants: list[str]) -> dict[str, float | None]:
+    """Min cosine between each ONNX variant and torch's ``reference`` vectors of ``probe_texts()``; None where
+    this machine cannot run the variant."""
     texts = probe_texts()
-    reference = TorchEncoder(model).encode(texts)
     parity: dict[str, float | None] = {}
     for variant in variants:
         try:
@@ -61,19 +61,18 @@ def _parity(model: SentenceTransformer, root: Path, variants: list[str]) -> dict
     return parity
 
 
-def _decoder_parity(model: SentenceTransformer, root: Path, file: str) -> float:
-    """Min cosine between the incremental encoder on the ONNX decoder and torch's full encode, on probe
-    texts encoded twice: from an empty cache, then again after their first halves (a past reused)."""
+def _decoder_parity(model: SentenceTransformer, reference: np.ndarray, root: Path, file: str) -> float:
+    """Min cosine between the incremental encoder on the ONNX decoder and torch's full encode (``reference``),
+    on probe texts encoded twice: from an empty cache, then again after their first halves (a past reused)."""
     from models.incremental import IncrementalEncoder, OnnxDecoder
 
     texts = probe_texts()
     keys = [str(i) for i in range(len(texts))]
-    encoder = IncrementalEncoder(model, version="parity", decoder=OnnxDecoder(root / file))
+    encoder = IncrementalEncoder.from_tower(model, version="parity", decoder=OnnxDecoder(root / file))
     first = encoder.encode(keys, texts)
     encoder.cache.clear()
     encoder.encode(keys, [text[: len(text) // 2] for text in texts])
     again = encoder.encode(keys, texts)
-    reference = TorchEncoder(model).encode(texts)
     return round(float(min(np.sum(reference * first, axis=1).min(), np.sum(reference * again, axis=1).min())), 6)
 
 
@@ -142,9 +141,10 @@ def export_artifact(
             decoder=decoder_file,
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        manifest.parity = _parity(model, tmp, variants)
+        reference = TorchEncoder(model).encode(probe_texts())
+        manifest.parity = _parity(reference, tmp, variants)
         if decoder_file is not None:
-            manifest.parity["decoder"] = _decoder_parity(model, tmp, decoder_file.file)
+            manifest.parity["decoder"] = _decoder_parity(model, reference, tmp, decoder_file.file)
         if min(manifest.parity[v] for v in ["fp32", *(["decoder"] if decoder_file else [])]) < MIN_FP32_PARITY:
             raise ArtifactError(f"ONNX export does not match torch: min cosine {manifest.parity} < {MIN_FP32_PARITY}")
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
