@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, Field, ValidationError
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.util import import_from_string
 
 from models.errors import ArtifactError
 from models.render import PROMPT_FORMAT_VERSION
@@ -105,13 +102,6 @@ class ModelArtifact:
         model = SentenceTransformer(str(self.path), device=device or "cpu")
         model.eval()
         return model
-
-    def load_modules_after_transformer(self) -> list[torch.nn.Module]:
-        """The tower's modules after its transformer (pooling, then projection or truncation and
-        normalisation), loaded as sentence-transformers loads them but without the transformer's weights:
-        what a process that runs the transformer as an ONNX graph still needs."""
-        specs = json.loads((self.path / "modules.json").read_text())
-        return [import_from_string(spec["type"]).load(str(self.path), subfolder=spec["path"]).eval() for spec in specs[1:]]
 
 
 def default_version(base_model: str) -> str:

@@ -396,7 +396,7 @@ def run_incremental(out: Path, settings: Settings, *, base: str = "smollm2", use
     out.mkdir(parents=True, exist_ok=True)
     artifact = export_artifact(tower, out / f"{Path(base).name}_incremental", version="bench", base_model=base, overwrite=True)
     full = {"torch": TorchEncoder(tower), "onnx": Encoder.load(artifact.path, provider="cpu", threads=threads_used)}
-    incremental = {f"{backend}, {dtype.replace('float', 'fp')} KV": IncrementalEncoder.from_tower(
+    incremental = {f"{backend}, {dtype.replace('float', 'fp')} KV": IncrementalEncoder(
         tower, version="bench", kv_dtype=dtype, decoder=OnnxDecoder(artifact.decoder_path, threads=threads_used) if backend == "onnx" else None)
         for backend in ("torch", "onnx") for dtype in ("float32", "float16")}
     result: dict[str, Any] = {"base": base, "threads": threads_used, "users": users, "items": 4 * users, "rounds": rounds, "tables": []}

@@ -68,7 +68,7 @@ def _decoder_parity(model: SentenceTransformer, reference: np.ndarray, root: Pat
 
     texts = probe_texts()
     keys = [str(i) for i in range(len(texts))]
-    encoder = IncrementalEncoder.from_tower(model, version="parity", decoder=OnnxDecoder(root / file))
+    encoder = IncrementalEncoder(model, version="parity", decoder=OnnxDecoder(root / file))
     first = encoder.encode(keys, texts)
     encoder.cache.clear()
     encoder.encode(keys, [text[: len(text) // 2] for text in texts])

@@ -31,7 +31,7 @@ from cachetools import LRUCache
 from prometheus_client import Counter, Gauge
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel
 
 from models.artifact import ModelArtifact
 from models.encoder import plan_batches
@@ -117,21 +117,13 @@ class OnnxDecoder:
 def for_artifact(path: Path, *, max_bytes: int | None = None, kv_dtype: str = "float32") -> IncrementalEncoder | None:
     """The incremental encoder over an artifact's tower, on its ONNX decoder where it has one (else torch);
     None when the tower cannot reuse prefixes (bidirectional, or not mean pooled), so its users keep the
-    full path.
-
-    With the decoder, the torch transformer's weights are not loaded at all (for SmolLM2, 540 MB that
-    would never run): the tokenizer is the full path's (``Encoder``'s) and the modules after the
-    transformer are loaded on their own."""
+    full path."""
     artifact = ModelArtifact.load(path)
-    if artifact.manifest.decoder:  # exported for causal, mean-pooled towers only
-        pooling, *head = artifact.load_modules_after_transformer()
-        return IncrementalEncoder(OnnxDecoder(artifact.decoder_path), AutoTokenizer.from_pretrained(artifact.path), pooling, head,
-                                  max_seq_length=artifact.manifest.max_seq_length, version=artifact.version,
-                                  max_bytes=max_bytes, kv_dtype=kv_dtype)
     tower = artifact.load_sentence_transformer()
     if not is_causal(tower) or artifact.manifest.pooling != "mean":
         return None
-    return IncrementalEncoder.from_tower(tower, version=artifact.version, max_bytes=max_bytes, kv_dtype=kv_dtype)
+    decoder = OnnxDecoder(artifact.decoder_path) if artifact.manifest.decoder else None
+    return IncrementalEncoder(tower, version=artifact.version, decoder=decoder, max_bytes=max_bytes, kv_dtype=kv_dtype)
 
 
 @dataclass
@@ -156,34 +148,23 @@ class Entry:
 class IncrementalEncoder:
     """Encodes entities' texts through a per-entity cache of keys/values (appends of several entities batched)."""
 
-    def __init__(self, decoder: Decoder, tokenizer: PreTrainedTokenizerBase, pooling: Pooling, head: Sequence[torch.nn.Module], *,
-                 max_seq_length: int, version: str, max_bytes: int | None = None, kv_dtype: str = "float32") -> None:
-        """``decoder`` runs the causal LM, ``tokenizer`` and ``max_seq_length`` cut texts as the full path does,
-        ``pooling`` must be the tower's mean pooling and ``head`` its modules after it (Dense or Truncate,
-        then Normalize); ``kv_dtype`` is how keys/values are kept between appends (float16 halves the cache;
-        the model computes in its own dtype)."""
-        if pooling.get_config_dict()["pooling_mode"] != "mean":
+    def __init__(self, tower: SentenceTransformer, *, version: str, decoder: Decoder | None = None,
+                 max_bytes: int | None = None, kv_dtype: str = "float32") -> None:
+        """``decoder`` runs the causal LM (default: the tower's own torch model); ``kv_dtype`` is how
+        keys/values are kept between appends (float16 halves the cache; the model computes in its own dtype)."""
+        if not isinstance(tower[0], Transformer) or not is_causal(tower):
+            raise ModelError("incremental encoding needs a causal tower (LLaMA-shaped); this one attends both ways")
+        if not isinstance(tower[1], Pooling) or tower[1].get_config_dict()["pooling_mode"] != "mean":
             raise ModelError("incremental encoding needs mean pooling (a running sum of the last layer's states)")
-        self.decoder = decoder
-        self.hidden = pooling.get_embedding_dimension()
-        self.head = [module.eval() for module in head]
-        self.dim = next((m.get_embedding_dimension() for m in reversed(self.head) if hasattr(m, "get_embedding_dimension")), self.hidden)
-        self.tokenizer = tokenizer
-        self.max_seq_length = max_seq_length
+        self.tower = tower.eval()
+        self.decoder = decoder or TorchDecoder(tower[0].auto_model)
+        self.hidden = tower[0].auto_model.config.hidden_size
+        self.head = list(tower.children())[2:]  # Dense or Truncate, then Normalize: as the full path applies them
+        self.tokenizer = tower.tokenizer
+        self.max_seq_length = tower.max_seq_length
         self.version = version
         self.kv_dtype = np.dtype(kv_dtype)
         self.cache: LRUCache[str, Entry] = LRUCache(max_bytes or default_cache_bytes(), getsizeof=lambda e: e.nbytes)
-
-    @classmethod
-    def from_tower(cls, tower: SentenceTransformer, *, version: str, decoder: Decoder | None = None,
-                   max_bytes: int | None = None, kv_dtype: str = "float32") -> IncrementalEncoder:
-        """Over a loaded tower; ``decoder`` defaults to the tower's own torch model."""
-        if not isinstance(tower[0], Transformer) or not is_causal(tower):
-            raise ModelError("incremental encoding needs a causal tower (LLaMA-shaped); this one attends both ways")
-        if not isinstance(tower[1], Pooling):
-            raise ModelError("incremental encoding needs mean pooling (a running sum of the last layer's states)")
-        return cls(decoder or TorchDecoder(tower[0].auto_model), tower.tokenizer, tower[1], list(tower.children())[2:],
-                   max_seq_length=tower.max_seq_length, version=version, max_bytes=max_bytes, kv_dtype=kv_dtype)
 
     @property
     def cache_bytes(self) -> int:
@@ -199,7 +180,7 @@ class IncrementalEncoder:
         if len(keys) != len(texts):
             raise ModelError(f"{len(keys)} keys for {len(texts)} texts")
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, self.tower.get_embedding_dimension()), dtype=np.float32)
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length)["input_ids"]
         entries = [self._lookup(key, row) for key, row in zip(keys, ids)]
         past = [len(entry.ids) for entry in entries]
@@ -254,7 +235,7 @@ class IncrementalEncoder:
             running = (e.sums[-1].astype(np.float64) if len(e.sums) else 0.0) + states[r, : len(tokens)].astype(np.float64).cumsum(0)
             sums.append(np.concatenate([e.sums, running.astype(np.float32)]))
             totals.append(running[-1] / len(ids[r]))
-        device = next((p.device for module in self.head for p in module.parameters()), torch.device("cpu"))
+        device = self.tower.device
         features = {"sentence_embedding": torch.from_numpy(np.stack(totals).astype(np.float32)).to(device)}
         for module in self.head:
             features = module(features)

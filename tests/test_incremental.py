@@ -47,7 +47,7 @@ def make(tower: SentenceTransformer, decoder_graph: Path, request: pytest.Fixtur
     """A new incremental encoder over ``tower`` on the decoder under test."""
     def new(**kwargs) -> IncrementalEncoder:
         decoder = OnnxDecoder(decoder_graph) if request.param == "onnx" else None
-        return IncrementalEncoder.from_tower(tower, version="v1", decoder=decoder, **kwargs)
+        return IncrementalEncoder(tower, version="v1", decoder=decoder, **kwargs)
     return new
 
 
@@ -181,7 +181,7 @@ def test_a_bidirectional_tower_is_refused() -> None:
     minilm = build_tower("minilm")
     assert not is_causal(minilm)  # so for_artifact leaves MiniLM's users on the full path
     with pytest.raises(ModelError, match="causal"):
-        IncrementalEncoder.from_tower(minilm, version="v1")
+        IncrementalEncoder(minilm, version="v1")
 
 
 def test_a_batch_mixing_cached_and_uncached_users_equals_the_full_encode(tower: SentenceTransformer, make: Make) -> None:
@@ -260,23 +260,5 @@ def test_the_model_bench_measures_every_path_against_the_full_encode(llama: Path
     assert (tmp_path / "bench_incremental.json").is_file()
 
 
-def test_an_artifact_with_a_decoder_is_served_without_the_torch_transformer(tower: SentenceTransformer, tmp_path: Path) -> None:
-    """``for_artifact`` loads the decoder graph, the full path's tokenizer and the tower's modules after the
-    transformer, not the transformer's weights; its appends equal the served full path (the ONNX encoder)."""
-    from models.encoder import Encoder
-    from models.export import export_artifact
-    from models.incremental import for_artifact
-
-    artifact = export_artifact(tower, tmp_path / "art", base_model="tiny", version="v1")
-    encoder = for_artifact(artifact.path, kv_dtype="float16")
-    assert isinstance(encoder.decoder, OnnxDecoder)
-    after_transformer = list(tower.children())[1:]
-    assert [type(m) for m in encoder.head] == [type(m) for m in after_transformer[1:]]
-    loaded = sum(p.numel() for m in encoder.head for p in m.parameters())
-    assert loaded == sum(p.numel() for m in after_transformer for p in m.parameters()) < sum(p.numel() for p in tower.parameters()) / 10
-    profile, history = user(12)
-    texts = [sample(tower, profile, history[:n]) for n in (10, 11, 12)]
-    full = Encoder.load(artifact.path, provider="cpu")
-    for text in texts:  # a miss, then two appends
-        assert min_cosine(encoder.encode(["u"], [text]), full.encode([text])) >= MIN_COSINE
-    assert encoder.encode([], []).shape == (0, full.dim)
+def test_no_texts_give_no_vectors(tower: SentenceTransformer, make: Make) -> None:
+    assert make().encode([], []).shape == (0, tower.get_embedding_dimension())
