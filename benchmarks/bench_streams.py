@@ -346,6 +346,7 @@ class Run:
     item_encodes: float = 0.0
     item_q: tuple[float, ...] = ()  # items' freshness p50/p95/p99 (s): their newest event to their vector
     primed: int = 0  # users of the sessions under way, encoded before the lead (``measure``'s ``prime``)
+    encoder_s: tuple[float, float] = (0.0, 0.0)  # seconds in the encoder for users, for items, over the window
 
     @property
     def ok(self) -> bool:
@@ -356,8 +357,10 @@ class Run:
         tail = "" if self.drained else "  NOT DRAINED within the limit: p99 > 5 s"
         items = f"; items {' / '.join(f'{x:.2f}' for x in self.item_q)}" if self.item_q else ""
         primed = f", {self.primed} under-way users primed" if self.primed else ""
+        users_s, items_s = self.encoder_s
         return (f"{p50:.2f} / {p95:.2f} / {p99:.2f}{items}  ({self.sent} engagements, {self.encodes:.0f} user encodes, "
-                f"{self.item_encodes:.0f} item encodes{primed}){tail}")
+                f"{self.item_encodes:.0f} item encodes{primed}; encoder {users_s:.1f} s users + {items_s:.1f} s items = "
+                f"{1000 * (users_s + items_s) / max(self.sent, 1):.0f} ms an engagement){tail}")
 
 
 INC_METRICS = ("onetower_incremental_hits_total", "onetower_incremental_tokens_computed_total",
@@ -405,7 +408,8 @@ def measure(w: Worker, s: Settings, store: StateStore, rate: float, args: argpar
     item_encodes = total(after, "onetower_encoded_total", kind="items") - total(before, "onetower_encoded_total", kind="items")
     run = Run(rate, len(plan), encodes, freshness_quantiles(before, after, "users", (0.5, 0.95, 0.99)), drained, inc,
               item_encodes, tuple(freshness_quantiles(before, after, "items", (0.5, 0.95, 0.99))) if item_encodes else (),
-              len(primed))
+              len(primed), tuple(total(after, "onetower_encode_seconds_sum", kind=kind) - total(before, "onetower_encode_seconds_sum", kind=kind)
+                                 for kind in ("users", "items")))
     if not drained:  # leave nothing for the next run
         clear_dirty(store)
         time.sleep(2 * s.refresh_debounce_s)
