@@ -376,7 +376,7 @@ def _incremental_table(cells: list[IncrementalCell], title: str, entity: str) ->
 
 
 def run_incremental(out: Path, settings: Settings, *, base: str = "smollm2", users: int = 16, rounds: int = 3, threads: int | None = None,
-                    console: Console | None = None) -> dict:
+                    device: str = "cpu", console: Console | None = None) -> dict:
     """Full vs incremental re-encoding, side by side in one run, of users after one new entry and of items
     after their counters moved, each one a call (as a quiet refresher round meets them) and all in one call;
     prints a table each and writes ``bench_incremental.json`` under ``out``.
@@ -384,7 +384,8 @@ def run_incremental(out: Path, settings: Settings, *, base: str = "smollm2", use
     Full: the torch tower and the exported ONNX graph (the refresher's full path), batched by token
     budget. Incremental: the torch model and the exported ONNX decoder with past keys/values, with
     float32 and float16 cached keys/values; only the tokens after the shared prefix are computed. "x full"
-    is against the faster full path."""
+    is against the faster full path. On another ``device`` (a GPU) the torch paths run there and the
+    ONNX ones are left out: onnxruntime's decoder runs on its CPU provider."""
     from models.incremental import IncrementalEncoder, OnnxDecoder
 
     console = console or Console()
@@ -394,18 +395,22 @@ def run_incremental(out: Path, settings: Settings, *, base: str = "smollm2", use
     tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=512, cache_dir=settings.cache_dir)
     threads_used = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
-    artifact = export_artifact(tower, out / f"{Path(base).name}_incremental", version="bench", base_model=base, overwrite=True)
-    full = {"torch": TorchEncoder(tower), "onnx": Encoder.load(artifact.path, provider="cpu", threads=threads_used)}
-    incremental = {f"{backend}, {dtype.replace('float', 'fp')} KV": IncrementalEncoder(
-        tower, version="bench", kv_dtype=dtype, decoder=OnnxDecoder(artifact.decoder_path, threads=threads_used) if backend == "onnx" else None)
-        for backend in ("torch", "onnx") for dtype in ("float32", "float16")}
-    result: dict[str, Any] = {"base": base, "threads": threads_used, "users": users, "items": 4 * users, "rounds": rounds, "tables": []}
+    if torch.device(device).type == "cpu":
+        artifact = export_artifact(tower, out / f"{Path(base).name}_incremental", version="bench", base_model=base, overwrite=True)
+        full = {"torch": TorchEncoder(tower), "onnx": Encoder.load(artifact.path, provider="cpu", threads=threads_used)}
+        decoders = {"torch": None, "onnx": OnnxDecoder(artifact.decoder_path, threads=threads_used)}
+    else:
+        full, decoders = {"torch": TorchEncoder(tower.to(device))}, {"torch": None}
+    incremental = {f"{backend}, {dtype.replace('float', 'fp')} KV": IncrementalEncoder(tower, version="bench", kv_dtype=dtype, decoder=decoder)
+                   for backend, decoder in decoders.items() for dtype in ("float32", "float16")}
+    result: dict[str, Any] = {"base": base, "device": device, "threads": threads_used, "users": users, "items": 4 * users,
+                              "rounds": rounds, "tables": []}
     for entity, (before, after) in (("user", incremental_texts(tower.tokenizer, users)), ("item", item_counter_texts(4 * users))):
         what = "after one new entry" if entity == "user" else "after its last-hour counters moved"
         for batch in (1, len(after)):
             cells, detail = _time_incremental(full, incremental, before, after, rounds, batch)
             console.print(_incremental_table(cells, f"re-encoding a{'n' if entity == 'item' else ''} {entity} {what}: {base}, {detail}, "
-                                                    f"{threads_used} threads", entity))
+                                                    f"{device}, {threads_used} threads", entity))
             result["tables"].append({"entity": entity, "batch": batch, "cells": [asdict(c) for c in cells]})
     result["load_average_before"], result["load_average_after"] = load_before, os.getloadavg()
     console.print(f"load average before/after {load_before[0]:.1f} / {result['load_average_after'][0]:.1f} on {os.cpu_count()} cores")

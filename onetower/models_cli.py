@@ -84,6 +84,7 @@ def bench(
                                      "entry (causal tower: --base, default smollm2)"),
     users: int = typer.Option(16, min=1, help="users re-encoded per path with --incremental"),
     rounds: int = typer.Option(3, min=1, help="timed rounds per path with --incremental (interleaved)"),
+    device: str = typer.Option("cpu", help="with --incremental: cpu, or a torch device such as cuda (its torch paths only)"),
 ) -> None:
     """Encoder speed: torch vs ONNX fp32 vs int8, texts/s, tokens/s, latency, fraction of matmul peak; or,
     with --incremental, users/s of full vs incremental re-encoding."""
@@ -92,7 +93,8 @@ def bench(
 
     try:
         if incremental:
-            run_incremental(out, get_settings(), base=(base or ["smollm2"])[0], users=users, rounds=rounds, threads=threads, console=console)
+            run_incremental(out, get_settings(), base=(base or ["smollm2"])[0], users=users, rounds=rounds, threads=threads,
+                            device=device, console=console)
         else:
             run(out, get_settings(), quick=quick, bases=base, threads=threads, console=console)
     except ModelError as exc:
