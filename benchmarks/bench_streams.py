@@ -33,8 +33,8 @@ checks still queued ``--drain-max-s`` after its last event), ``--refine`` more r
 rate that passed), then half the full path's capacity and half the path's own; the incremental
 encoder's cache hits, misses by reason and bytes against the bound. Before each run an incremental
 path's worker encodes the users of the sessions under way at its start (unmeasured; ``--no-prime`` to
-skip), so that its cache is in the state a worker running all along would have: a session's first
-engagement in the window then misses only when the cache's bound has evicted its user. ``--ceiling`` adds a path: the
+skip), so that its cache is in the state a worker running all along would have: only a session that
+starts in the run, or a user the cache's bound evicted, meets it cold. ``--ceiling`` adds a path: the
 full one with a tiny random LLaMA of the same tokenizer, whose encodes cost next to nothing, so its
 capacity is what the rest of the pipeline (Kafka, faust, Redis, Milvus, the producer) leaves on
 this machine: no encoder can raise a path's capacity above it.
