@@ -44,10 +44,9 @@ def _onnx_entry(root: Path, file: str, data_file: str | None = None) -> OnnxFile
     )
 
 
-def _parity(reference: np.ndarray, root: Path, variants: list[str]) -> dict[str, float | None]:
-    """Min cosine between each ONNX variant and torch's ``reference`` vectors of ``probe_texts()``; None where
-    this machine cannot run the variant."""
-    texts = probe_texts()
+def _parity(texts: list[str], reference: np.ndarray, root: Path, variants: list[str]) -> dict[str, float | None]:
+    """Min cosine between each ONNX variant and torch's ``reference`` vectors of ``texts``; None where this
+    machine cannot run the variant."""
     parity: dict[str, float | None] = {}
     for variant in variants:
         try:
@@ -61,12 +60,11 @@ def _parity(reference: np.ndarray, root: Path, variants: list[str]) -> dict[str,
     return parity
 
 
-def _decoder_parity(model: SentenceTransformer, reference: np.ndarray, root: Path, file: str) -> float:
-    """Min cosine between the incremental encoder on the ONNX decoder and torch's full encode (``reference``),
-    on probe texts encoded twice: from an empty cache, then again after their first halves (a past reused)."""
+def _decoder_parity(model: SentenceTransformer, texts: list[str], reference: np.ndarray, root: Path, file: str) -> float:
+    """Min cosine between the incremental encoder on the ONNX decoder and torch's full encode of ``texts``
+    (``reference``), each encoded twice: from an empty cache, then again after its first half (a past reused)."""
     from models.incremental import IncrementalEncoder, OnnxDecoder
 
-    texts = probe_texts()
     keys = [str(i) for i in range(len(texts))]
     encoder = IncrementalEncoder(model, version="parity", decoder=OnnxDecoder(root / file))
     first = encoder.encode(keys, texts)
@@ -141,10 +139,11 @@ def export_artifact(
             decoder=decoder_file,
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        reference = TorchEncoder(model).encode(probe_texts())
-        manifest.parity = _parity(reference, tmp, variants)
+        texts = probe_texts()
+        reference = TorchEncoder(model).encode(texts)
+        manifest.parity = _parity(texts, reference, tmp, variants)
         if decoder_file is not None:
-            manifest.parity["decoder"] = _decoder_parity(model, reference, tmp, decoder_file.file)
+            manifest.parity["decoder"] = _decoder_parity(model, texts, reference, tmp, decoder_file.file)
         if min(manifest.parity[v] for v in ["fp32", *(["decoder"] if decoder_file else [])]) < MIN_FP32_PARITY:
             raise ArtifactError(f"ONNX export does not match torch: min cosine {manifest.parity} < {MIN_FP32_PARITY}")
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
