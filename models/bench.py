@@ -341,24 +341,26 @@ def _time_incremental(full: dict[str, Any], incremental: dict[str, Any], before:
         primed[name] = copy.deepcopy(encoder.cache)
     for encoder in full.values():
         encoder.encode(after[:2])  # warm-up
-    seconds, cosines = dict.fromkeys([*full, *incremental], 0.0), {name: [] for name in incremental}
+    full_s, incremental_s = dict.fromkeys(full, 0.0), dict.fromkeys(incremental, 0.0)  # a name may be on both sides
+    cosines: dict[str, list[np.ndarray]] = {name: [] for name in incremental}
     for _ in range(rounds):
         for name, encoder in full.items():
-            got, seconds[name] = _timed(lambda: np.concatenate([encoder.encode(after[c]) for c in chunks]), seconds[name])
+            got, full_s[name] = _timed(lambda: np.concatenate([encoder.encode(after[c]) for c in chunks]), full_s[name])
             reference = got if name == next(iter(full)) else reference
         for name, encoder in incremental.items():
             encoder.cache = copy.deepcopy(primed[name])
-            got, seconds[name] = _timed(lambda: np.concatenate([encoder.encode(keys[c], after[c]) for c in chunks]), seconds[name])
+            got, incremental_s[name] = _timed(lambda: np.concatenate([encoder.encode(keys[c], after[c]) for c in chunks]),
+                                              incremental_s[name])
             cosines[name].append(np.sum(reference * got, axis=1))
     tokenizer = next(iter(incremental.values())).tokenizer
     ids_before, ids_after = (tokenizer(texts, truncation=True, max_length=512)["input_ids"] for texts in (before, after))
     full_tokens = float(np.mean([len(x) for x in ids_after]))
     new_tokens = float(np.mean([len(b) - shared_prefix(np.asarray(a), b) for a, b in zip(ids_before, ids_after)]))
     n = len(after) * rounds
-    cells = [IncrementalCell(f"full ({name})", n, seconds[name], n / seconds[name], full_tokens) for name in full]
+    cells = [IncrementalCell(f"full ({name})", n, full_s[name], n / full_s[name], full_tokens) for name in full]
     for name, encoder in incremental.items():
         cos = np.concatenate(cosines[name])
-        cells.append(IncrementalCell(f"incremental ({name})", n, seconds[name], n / seconds[name], new_tokens,
+        cells.append(IncrementalCell(f"incremental ({name})", n, incremental_s[name], n / incremental_s[name], new_tokens,
                                      round(float(cos.min()), 6), round(float(cos.mean()), 6), encoder.cache_bytes / len(after)))
     return cells, f"{len(after)} x {rounds} rounds, {batch} a call, {new_tokens:.0f} new of {full_tokens:.0f} tokens"
 
