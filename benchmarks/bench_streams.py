@@ -257,14 +257,14 @@ class Schedule:
 
 
 def steady(s: Settings, rate: float, seconds: float, workload: Workload, seed: int, lead_s: float = 0.0,
-           at_lead=None, before=None) -> list[tuple[float, str, str]]:
+           at_lead=None, at_start=None) -> list[tuple[float, str, str]]:
     """Send engagements now-stamped at ``rate``/s on average for ``lead_s + seconds`` (``workload``'s pattern,
-    one process throughout, so sessions under way at the lead's end go on), calling ``before`` with the
+    one process throughout, so sessions under way at the lead's end go on), calling ``at_start`` with the
     users of the sessions under way at the lead's start first and ``at_lead`` when the lead ends; returns
     those sent after it."""
     schedule = workload.schedule(rate, lead_s + seconds, seed)
-    if before is not None:
-        before(schedule.under_way)
+    if at_start is not None:
+        at_start(schedule.under_way)
     plan = schedule.events
     sent = 0
     with EventProducer(s, linger_ms=5) as producer:
