@@ -1,9 +1,10 @@
-"""Training pieces that need no servers: ranking metrics on a hand-built case, config errors."""
+"""Training pieces that need no servers: ranking metrics on a hand-built case, the loss, config errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from training.config import ConfigError, load_config
 from training.evaluate import difference_interval, metrics, ranks, recall_interval
@@ -227,3 +228,49 @@ def test_training_can_continue_from_a_shipped_tower(tmp_path):
         initial_model(TrainConfig(lora=True, init_from=shipped(), dim=256, matryoshka_widths=[64], output_dir=tmp_path), Settings())
     with pytest.raises(ConfigError, match="lora"):
         load_config(None, {"init_from": str(shipped()), "lora": False})
+
+
+def test_logq_loss_is_cross_entropy_over_corrected_in_batch_logits():
+    from sentence_transformers import util
+
+    from training.losses import logq_infonce
+
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pos = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    neg = torch.tensor([[1.0, -1.0], [-1.0, 0.0]])
+    logq = torch.tensor([-1.0, -3.0])
+    loss = logq_infonce(q, [pos, neg], logq, scale=2.0, similarity=util.cos_sim, gather=False)
+    # by hand: cosines x scale, minus log q on the two positive columns only (hard negatives keep raw logits)
+    r = 2 ** -0.5
+    logits = np.array([[2 * r + 1, 0 + 3, 2 * r, -2.0],
+                       [2 * r + 1, 2 + 3, -2 * r, 0.0]])
+    expected = np.mean([np.log(np.exp(row).sum()) - row[i] for i, row in enumerate(logits)])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    plain = logq_infonce(q, [pos, neg], torch.zeros(2), scale=2.0, similarity=util.cos_sim, gather=False)
+    assert plain.item() != pytest.approx(expected, rel=1e-3)  # the correction changes the loss
+
+
+def test_gradient_cache_gives_the_plain_loss_and_gradients(tmp_path):
+    from models.testing import tiny_llama
+    from models.tower import build_tower
+    from training.losses import CachedLogQRankingLoss, LogQRankingLoss, SentenceOnlyMatryoshkaLoss
+
+    tower = build_tower(str(tiny_llama(tmp_path / "llama")), dim=32, max_seq_length=32)
+    texts = [[f"user {n} watched film {n * 7}" for n in range(6)],
+             [f"film {n * 7} drama" for n in range(6)],
+             [f"film {n * 3 + 1} comedy" for n in range(6)]]
+    logq = torch.log(torch.tensor([0.3, 0.1, 0.05, 0.2, 0.15, 0.2]))
+
+    def loss_and_grads(inner) -> tuple[float, list[torch.Tensor]]:
+        tower.zero_grad()
+        loss = SentenceOnlyMatryoshkaLoss(tower, inner, matryoshka_dims=[32, 8])
+        value = loss([tower.preprocess(column) for column in texts], logq)
+        value.backward()
+        return value.item(), [p.grad.clone() for p in tower.parameters() if p.grad is not None]
+
+    plain, plain_grads = loss_and_grads(LogQRankingLoss(tower, scale=20.0))
+    cached, cached_grads = loss_and_grads(CachedLogQRankingLoss(tower, scale=20.0, mini_batch_size=2))
+    assert cached == pytest.approx(plain, rel=1e-5)
+    assert len(cached_grads) == len(plain_grads) > 0
+    for a, b in zip(cached_grads, plain_grads):  # mini-batches pad differently: equal up to float rounding
+        assert (a - b).norm() <= 1e-4 * b.norm()

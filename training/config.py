@@ -56,8 +56,9 @@ class TrainConfig(BaseModel):
     temperature: float = Field(default=0.05, gt=0.0, le=1.0, description="InfoNCE temperature; the loss scale is 1/temperature")
     matryoshka_widths: list[int] = Field(default=[64, 128, 256, 512], description="the full width is always added")
     logq: bool = Field(default=True, description="subtract log(sampling frequency) from in-batch logits (Yi et al. 2019)")
-    cached_mnrl: bool = Field(default=False, description="CachedMultipleNegativesRankingLoss: large batches in small memory, no logQ")
-    mini_batch_size: int = Field(default=32, ge=1, description="cached loss: examples per forward pass")
+    gradient_cache: bool = Field(default=False, description="GradCache: embed mini_batch_size texts at a time, so a large "
+                                 "batch (more in-batch negatives) fits in the memory of a small one; same loss, one more forward")
+    mini_batch_size: int = Field(default=32, ge=1, description="gradient cache: texts per forward pass")
 
     # optimisation
     epochs: float = Field(default=1.0, gt=0.0)
@@ -90,9 +91,7 @@ class TrainConfig(BaseModel):
         bad = [w for w in self.matryoshka_widths if not 0 < w <= self.dim]
         if bad:
             raise ValueError(f"matryoshka_widths {bad} must lie in 1..dim ({self.dim})")
-        if self.cached_mnrl and self.logq:
-            raise ValueError("cached_mnrl has no logQ correction: pass logq: false with it")
-        if self.cached_mnrl and self.mini_batch_size > self.batch_size:
+        if self.gradient_cache and self.mini_batch_size > self.batch_size:
             raise ValueError("mini_batch_size must not exceed batch_size")
         if self.init_from is not None and not self.lora:
             raise ValueError("init_from continues a tuned tower's LoRA adapter: pass lora: true with it")

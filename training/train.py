@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
+from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 from sentence_transformers.sentence_transformer.training_args import BatchSamplers, SentenceTransformerTrainingArguments
 from transformers import TrainerCallback
@@ -31,7 +31,7 @@ from core.settings import Settings
 from training.config import TrainConfig, save_config
 from training.dataset import PointInTimeDataset, load_or_build
 from training.evaluate import EvalSet, RecallEvaluator, widths_for
-from training.losses import LogQRankingLoss, SentenceOnlyMatryoshkaLoss
+from training.losses import CachedLogQRankingLoss, LogQRankingLoss, SentenceOnlyMatryoshkaLoss
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,10 @@ def pair_dataset(table, hard_negatives: int, *, logq: bool) -> Dataset:
 
 def make_loss(model: SentenceTransformer, config: TrainConfig) -> MatryoshkaLoss:
     """InfoNCE (scale = 1/temperature; negatives gathered across devices; logQ-corrected unless turned
-    off) summed over Matryoshka widths."""
+    off; gradient-cached on request) summed over Matryoshka widths."""
     scale = 1.0 / config.temperature
-    if config.cached_mnrl:
-        inner = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=config.mini_batch_size,
-                                                   gather_across_devices=True)
+    if config.gradient_cache:
+        inner = CachedLogQRankingLoss(model, scale=scale, mini_batch_size=config.mini_batch_size, gather_across_devices=True)
     else:
         inner = LogQRankingLoss(model, scale=scale, gather_across_devices=True)
     dims = widths_for(model.get_embedding_dimension(), config.matryoshka_widths)[::-1]
