@@ -231,22 +231,21 @@ def test_training_can_continue_from_a_shipped_tower(tmp_path):
 
 
 def test_logq_loss_is_cross_entropy_over_corrected_in_batch_logits():
-    from sentence_transformers import util
+    from training.losses import LogQRankingLoss
 
-    from training.losses import logq_infonce
-
+    loss_fn = LogQRankingLoss(None, scale=2.0)  # the model only embeds; here the embeddings are given
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     pos = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
     neg = torch.tensor([[1.0, -1.0], [-1.0, 0.0]])
     logq = torch.tensor([-1.0, -3.0])
-    loss = logq_infonce(q, [pos, neg], logq, scale=2.0, similarity=util.cos_sim, gather=False)
+    loss = loss_fn.compute_loss_from_embeddings([q, pos, neg], logq)
     # by hand: cosines x scale, minus log q on the two positive columns only (hard negatives keep raw logits)
     r = 2 ** -0.5
     logits = np.array([[2 * r + 1, 0 + 3, 2 * r, -2.0],
                        [2 * r + 1, 2 + 3, -2 * r, 0.0]])
     expected = np.mean([np.log(np.exp(row).sum()) - row[i] for i, row in enumerate(logits)])
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    plain = logq_infonce(q, [pos, neg], torch.zeros(2), scale=2.0, similarity=util.cos_sim, gather=False)
+    plain = loss_fn.compute_loss_from_embeddings([q, pos, neg], torch.zeros(2))
     assert plain.item() != pytest.approx(expected, rel=1e-3)  # the correction changes the loss
 
 
@@ -269,7 +268,7 @@ def test_gradient_cache_gives_the_plain_loss_and_gradients(tmp_path):
         return value.item(), [p.grad.clone() for p in tower.parameters() if p.grad is not None]
 
     plain, plain_grads = loss_and_grads(LogQRankingLoss(tower, scale=20.0))
-    cached, cached_grads = loss_and_grads(CachedLogQRankingLoss(tower, scale=20.0, mini_batch_size=2))
+    cached, cached_grads = loss_and_grads(CachedLogQRankingLoss(LogQRankingLoss(tower, scale=20.0), mini_batch_size=2))
     assert cached == pytest.approx(plain, rel=1e-5)
     assert len(cached_grads) == len(plain_grads) > 0
     for a, b in zip(cached_grads, plain_grads):  # mini-batches pad differently: equal up to float rounding

@@ -14,33 +14,14 @@ the batch, and with it the number of in-batch negatives, is no longer bounded by
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from sentence_transformers import SentenceTransformer, util
 from sentence_transformers.base.losses.gradcache import CachedLossMixin
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
 from sentence_transformers.util import all_gather, all_gather_with_grad, is_dist_initialized
 from torch import Tensor, nn
-
-
-def logq_infonce(queries: Tensor, docs: list[Tensor], logq: Tensor, *, scale: float,
-                 similarity: Callable[[Tensor, Tensor], Tensor], gather: bool) -> Tensor:
-    """Cross-entropy of each query over every positive in the batch (logQ-corrected) and every hard
-    negative (raw); ``docs`` is [positives, negatives_1, ...] and ``logq`` each positive's log q."""
-    logq = logq.to(device=queries.device, dtype=torch.float32).reshape(-1)
-    batch_size, offset = queries.size(0), 0
-    if gather and is_dist_initialized():
-        queries = all_gather_with_grad(queries)
-        docs = [all_gather_with_grad(d) for d in docs]
-        logq = all_gather(logq)
-        offset = torch.distributed.get_rank() * batch_size
-    local = torch.arange(offset, offset + batch_size, device=queries.device)
-    scores = similarity(queries[local], torch.cat(docs, dim=0)).float() * scale
-    in_batch = docs[0].size(0)
-    scores[:, :in_batch] = scores[:, :in_batch] - logq[None, :]
-    return F.cross_entropy(scores, local)
 
 
 class LogQRankingLoss(MultipleNegativesRankingLoss):
@@ -48,28 +29,35 @@ class LogQRankingLoss(MultipleNegativesRankingLoss):
     log q(positive); a label of 0 for every row gives plain InfoNCE."""
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor) -> Tensor:
-        return logq_infonce(embeddings[0], embeddings[1:], labels, scale=self.scale,
-                            similarity=self.similarity_fct, gather=self.gather_across_devices)
+        queries, docs = embeddings[0], embeddings[1:]
+        logq = labels.to(device=queries.device, dtype=torch.float32).reshape(-1)
+        batch_size, offset = queries.size(0), 0
+        if self.gather_across_devices and is_dist_initialized():
+            queries = all_gather_with_grad(queries)
+            docs = [all_gather_with_grad(d) for d in docs]
+            logq = all_gather(logq)
+            offset = torch.distributed.get_rank() * batch_size
+        local = torch.arange(offset, offset + batch_size, device=queries.device)
+        scores = self.similarity_fct(queries[local], torch.cat(docs, dim=0)).float() * self.scale
+        in_batch = docs[0].size(0)
+        scores[:, :in_batch] = scores[:, :in_batch] - logq[None, :]
+        return F.cross_entropy(scores, local)
 
 
 class CachedLogQRankingLoss(CachedLossMixin, nn.Module):
-    """``LogQRankingLoss`` with gradient caching: the same loss, computed on embeddings made
-    ``mini_batch_size`` texts at a time, so memory follows the mini-batch and not the batch."""
+    """``loss`` with gradient caching: its own computation, on embeddings made ``mini_batch_size``
+    texts at a time, so memory follows the mini-batch and not the batch (as sentence-transformers'
+    CachedMultipleNegativesRankingLoss wraps MultipleNegativesRankingLoss)."""
 
-    def __init__(self, model: SentenceTransformer, scale: float = 20.0, mini_batch_size: int = 32,
-                 gather_across_devices: bool = False) -> None:
+    def __init__(self, loss: LogQRankingLoss, mini_batch_size: int = 32) -> None:
         super().__init__()
-        self.model = model
-        self.scale = scale
-        self.similarity_fct = util.cos_sim
+        self.model = loss.model
+        self.loss = loss
         self.mini_batch_size = mini_batch_size
-        self.gather_across_devices = gather_across_devices
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
-        columns = [torch.cat(mini_batches) for mini_batches in reps]
-        loss = logq_infonce(columns[0], columns[1:], labels, scale=self.scale, similarity=self.similarity_fct,
-                            gather=self.gather_across_devices)
+        loss = self.loss.compute_loss_from_embeddings([torch.cat(mini_batches) for mini_batches in reps], labels)
         if with_backward:
             loss.backward()
             loss = loss.detach()

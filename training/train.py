@@ -55,10 +55,9 @@ def make_loss(model: SentenceTransformer, config: TrainConfig) -> MatryoshkaLoss
     """InfoNCE (scale = 1/temperature; negatives gathered across devices; logQ-corrected unless turned
     off; gradient-cached on request) summed over Matryoshka widths."""
     scale = 1.0 / config.temperature
+    inner = LogQRankingLoss(model, scale=scale, gather_across_devices=True)
     if config.gradient_cache:
-        inner = CachedLogQRankingLoss(model, scale=scale, mini_batch_size=config.mini_batch_size, gather_across_devices=True)
-    else:
-        inner = LogQRankingLoss(model, scale=scale, gather_across_devices=True)
+        inner = CachedLogQRankingLoss(inner, mini_batch_size=config.mini_batch_size)
     dims = widths_for(model.get_embedding_dimension(), config.matryoshka_widths)[::-1]
     return SentenceOnlyMatryoshkaLoss(model, inner, matryoshka_dims=dims)
 
