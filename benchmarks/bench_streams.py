@@ -122,11 +122,15 @@ def total(m: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in m.items() if n == name and want <= ls)
 
 
+def increase(before: dict, after: dict, name: str, **labels: str) -> float:
+    """How much a counter (summed over the series ``labels`` select) rose between two scrapes."""
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
 def freshness_quantiles(before: dict, after: dict, kind: str, qs: tuple[float, ...]) -> list[float]:
     """Quantiles of the observations between two scrapes, interpolated inside histogram buckets."""
     edges = sorted({float(dict(ls)["le"]) for (n, ls) in after if n == "onetower_freshness_seconds_bucket"})
-    cum = [total(after, "onetower_freshness_seconds_bucket", kind=kind, le=_le(e))
-           - total(before, "onetower_freshness_seconds_bucket", kind=kind, le=_le(e)) for e in edges]
+    cum = [increase(before, after, "onetower_freshness_seconds_bucket", kind=kind, le=_le(e)) for e in edges]
     n = cum[-1]
     out = []
     for q in qs:
@@ -389,8 +393,7 @@ def measure(w: Worker, s: Settings, store: StateStore, rate: float, args: argpar
     plan = steady(s, rate, args.steady_s, workload, seed, args.lead_s, lambda: snapshot.append(w.metrics()),
                   warm if prime else None)
     before = snapshot[0] if snapshot else w.metrics()
-    wait("steady events applied", lambda: total(w.metrics(), "onetower_events_total", topic="engagements")
-         - total(before, "onetower_events_total", topic="engagements") >= len(plan))
+    wait("steady events applied", lambda: increase(before, w.metrics(), "onetower_events_total", topic="engagements") >= len(plan))
     drained = True
     try:
         wait("drained", lambda: store.dirty_count("users") + store.dirty_count("items") + store.unchecked_count() == 0,
@@ -398,18 +401,16 @@ def measure(w: Worker, s: Settings, store: StateStore, rate: float, args: argpar
     except SystemExit:
         drained = False
     after = w.metrics()
-    inc = {n: total(after, n) - total(before, n) for n in INC_METRICS}
+    inc = {n: increase(before, after, n) for n in INC_METRICS}
     for reason in ("absent", "diverged", "version"):
-        inc[f"miss_{reason}"] = (total(after, "onetower_incremental_misses_total", reason=reason)
-                                 - total(before, "onetower_incremental_misses_total", reason=reason))
+        inc[f"miss_{reason}"] = increase(before, after, "onetower_incremental_misses_total", reason=reason)
     inc["cache_bytes"] = total(after, "onetower_incremental_cache_bytes")
     inc["cache_users"] = total(after, "onetower_incremental_cache_users")
-    encodes = total(after, "onetower_encoded_total", kind="users") - total(before, "onetower_encoded_total", kind="users")
-    item_encodes = total(after, "onetower_encoded_total", kind="items") - total(before, "onetower_encoded_total", kind="items")
+    encodes = increase(before, after, "onetower_encoded_total", kind="users")
+    item_encodes = increase(before, after, "onetower_encoded_total", kind="items")
     run = Run(rate, len(plan), encodes, freshness_quantiles(before, after, "users", (0.5, 0.95, 0.99)), drained, inc,
               item_encodes, tuple(freshness_quantiles(before, after, "items", (0.5, 0.95, 0.99))) if item_encodes else (),
-              len(primed), tuple(total(after, "onetower_encode_seconds_sum", kind=kind) - total(before, "onetower_encode_seconds_sum", kind=kind)
-                                 for kind in ("users", "items")))
+              len(primed), tuple(increase(before, after, "onetower_encode_seconds_sum", kind=kind) for kind in ("users", "items")))
     if not drained:  # leave nothing for the next run
         clear_dirty(store)
         time.sleep(2 * s.refresh_debounce_s)
@@ -695,11 +696,11 @@ def main() -> None:
         report("(a) entity changes (user, item, engagement events)", f"{dirtying:,}")
         report("(a) entities encoded (users + items)", f"{encoded:,.0f}  (users {total(m2, 'onetower_encoded_total', kind='users'):,.0f})")
         report("(a) encoder calls saved by debouncing", f"{1 - encoded / dirtying:.1%}")
-        drained_users = total(m2, "onetower_encoded_total", kind="users") - total(m1, "onetower_encoded_total", kind="users")
+        drained_users = increase(m1, m2, "onetower_encoded_total", kind="users")
         pipeline = drained_users / (t2 - t1) if t2 > t1 else float("nan")
         report("(d) pipeline encode throughput while draining (users/s)", f"{pipeline:.1f}  ({drained_users:.0f} users in {t2 - t1:.1f} s)")
         report("(d) pipeline / raw encoder throughput", f"{pipeline / raw:.0%}")
-        busy = (total(m2, "onetower_encode_seconds_sum") - total(m1, "onetower_encode_seconds_sum")) / (t2 - t1)
+        busy = increase(m1, m2, "onetower_encode_seconds_sum") / (t2 - t1)
         report("(d) share of the drain's wall time spent inside the encoder", f"{busy:.0%}")
 
         # 3/4. steady rates over MovieLens users (the workload), now-stamped
