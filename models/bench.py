@@ -397,12 +397,12 @@ def run_incremental(out: Path, settings: Settings, *, base: str = "smollm2", use
     tower = build_tower(base, dim=settings.embedding_dim, max_seq_length=512, cache_dir=settings.cache_dir)
     threads_used = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
+    tower.to(device)  # the torch paths run on ``device``; the ONNX ones only on the CPU
+    full, decoders = {"torch": TorchEncoder(tower)}, {"torch": None}
     if torch.device(device).type == "cpu":
         artifact = export_artifact(tower, out / f"{Path(base).name}_incremental", version="bench", base_model=base, overwrite=True)
-        full = {"torch": TorchEncoder(tower), "onnx": Encoder.load(artifact.path, provider="cpu", threads=threads_used)}
-        decoders = {"torch": None, "onnx": OnnxDecoder(artifact.decoder_path, threads=threads_used)}
-    else:
-        full, decoders = {"torch": TorchEncoder(tower.to(device))}, {"torch": None}
+        full["onnx"] = Encoder.load(artifact.path, provider="cpu", threads=threads_used)
+        decoders["onnx"] = OnnxDecoder(artifact.decoder_path, threads=threads_used)
     incremental = {f"{backend}, {dtype.replace('float', 'fp')} KV": IncrementalEncoder(tower, version="bench", kv_dtype=dtype, decoder=decoder)
                    for backend, decoder in decoders.items() for dtype in ("float32", "float16")}
     result: dict[str, Any] = {"base": base, "device": device, "threads": threads_used, "users": users, "items": 4 * users,
