@@ -2,14 +2,14 @@
 
 Why the causal tower is trained on a GPU: on a small CPU its steps cost many times MiniLM's, and a
 plain batch of 32 may not fit in memory at all. Each case runs in its own process (so its peak RSS
-is its own) on the first examples of the recipe's own dataset (read from the topics, as
-``onetower train`` does: the stack must be up and MovieLens replayed; or from a prepared dataset
-directory given per base model with ``--prepared``), with the recipe's LoRA
-adapter, logQ loss and Matryoshka widths; the first step is a warm-up and is not timed.
+is its own) with the recipe's LoRA adapter, logQ loss and Matryoshka widths, on the first examples
+of the recipe's dataset: read from the topics as ``onetower train`` does (the stack up, MovieLens
+replayed), or from a prepared dataset given per base model with ``--prepared``. The first step is a
+warm-up and is not timed.
 
     python benchmarks/bench_train.py --case training/configs/movielens-minilm.yaml:32 \\
         --case training/configs/movielens-minilm.yaml:32:8 \\
-        --case training/configs/movielens-smollm2-gpu.yaml:32:8 --steps 2 --threads 2 \
+        --case training/configs/movielens-smollm2-gpu.yaml:32:8 --steps 2 --threads 2 \\
         [--prepared smollm2=DIR --prepared minilm=DIR]
 
 A case is CONFIG:BATCH, or CONFIG:BATCH:MINI_BATCH for the gradient-cached loss.
@@ -21,6 +21,8 @@ import argparse
 import multiprocessing as mp
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +47,7 @@ class Case:
         return f"{self.config.stem}, batch {self.batch}{cache}"
 
 
-def _run_case(case: Case, steps: int, threads: int, prepared: dict[str, Path], out: mp.Queue) -> None:
+def _run_case(case: Case, steps: int, threads: int, prepared: dict[str, Path]) -> dict:
     """Child process: build the recipe's tower and loss, take ``steps + 1`` optimiser steps."""
     import torch
 
@@ -57,7 +59,7 @@ def _run_case(case: Case, steps: int, threads: int, prepared: dict[str, Path], o
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = load_config(case.config, {"batch_size": case.batch, "gradient_cache": case.mini_batch is not None,
-                                       "mini_batch_size": case.mini_batch or case.batch})
+                                       "mini_batch_size": case.mini_batch})
     settings = Settings()
     directory = prepared.get(config.base_model)
     data = load_prepared(directory) if directory else load_or_build(settings, config.dataset_options())
@@ -77,20 +79,17 @@ def _run_case(case: Case, steps: int, threads: int, prepared: dict[str, Path], o
         optimiser.zero_grad()
         if step:
             seconds.append(time.perf_counter() - start)
-    out.put({"s_per_step": sum(seconds) / len(seconds), "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-             "train_examples": data.splits["train"].num_rows, "loss": loss.item()})
+    return {"s_per_step": sum(seconds) / len(seconds), "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "train_examples": data.splits["train"].num_rows}
 
 
 def measure(case: Case, steps: int, threads: int, prepared: dict[str, Path]) -> dict:
     """One case in a fresh process; a process killed (for memory, say) is reported, not raised."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    child = ctx.Process(target=_run_case, args=(case, steps, threads, prepared, out))
-    child.start()
-    child.join()
-    if child.exitcode != 0:
-        return {"failed": f"exit {child.exitcode}" + (" (killed: out of memory?)" if child.exitcode == -9 else "")}
-    return out.get()
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_run_case, case, steps, threads, prepared).result()
+        except BrokenProcessPool:
+            return {"failed": "the process died (killed for memory?)"}
 
 
 def main() -> None:
