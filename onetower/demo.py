@@ -2,9 +2,11 @@
 
 Stack up; MovieLens-100k converted and replayed; a tower exported (the untuned base, or quickly
 fine-tuned with ``--train``); a stream worker applies the events and encodes users and items; the
-version is checked and activated; one user's candidates printed; a new engagement produced; the same
-user's candidates printed again with the measured freshness; in ``--short`` mode the next events of
-the stream sent, so the worker scores them for live recall, which is printed; everything stopped.
+version is checked and activated; the events held back from the replay streamed on, so the worker
+scores the served version on engagements it meets live, and that live recall printed; one user's
+candidates printed; a new engagement produced (after the live recall figure, which it must not enter:
+the demo picks the user's top candidate); the same user's candidates printed again with the measured
+freshness; everything stopped.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from onetower.cli_common import console, fail
 app = typer.Typer()
 T = TypeVar("T")
 SHORT_EVENTS = 20_000
-LIVE_EVENTS = 4_000  # events streamed after activation in --short mode: live recall scores their engagements
+LIVE_EVENTS = 4_000  # events held back from the replay and streamed after activation: live recall scores their engagements
 
 
 @app.command()
@@ -52,34 +54,38 @@ def _demo(settings: Settings, short: bool, train: bool, keep_stack: bool, timeou
         with console.status("starting Kafka, Redis and Milvus..."):
             stack.up(settings)
         console.print("[green]stack up[/]")
-        _replay(settings, short)
+        live_from = _replay(settings, short)
         model_dir = _model(settings, train)
         with _worker(settings, model_dir):
-            _run(settings, model_dir, timeout_s, short)
+            _run(settings, model_dir, timeout_s, live_from)
     finally:
         if not (keep_stack or was_running):
             stack.down(settings)
             console.print("stack down")
 
 
-def _replay(settings: Settings, short: bool) -> None:
+def _replay(settings: Settings, short: bool) -> int:
+    """Replay MovieLens up to the live window (the last ``LIVE_EVENTS``, or those after ``SHORT_EVENTS``);
+    returns where the live window starts."""
     from streams.inspect import topic_counts
     from streams.movielens import convert, replay
 
     data_dir = settings.state_dir / "movielens"
     counts = convert(data_dir, settings)
     console.print(f"MovieLens-100k converted into {data_dir}: {sum(counts.values()):,} events")
+    live_from = SHORT_EVENTS if short else sum(counts.values()) - LIVE_EVENTS
     if sum(topic_counts(settings).values()) > 0:
         console.print("topics already hold events: not replaying again (the worker resumes where it stopped)")
     else:
         started = time.perf_counter()
-        sent = replay(data_dir, settings, limit=SHORT_EVENTS if short else None)
+        sent = replay(data_dir, settings, limit=live_from)
         took = time.perf_counter() - started
         console.print(f"replayed {sum(sent.values()):,} events in {took:.1f}s ({sum(sent.values()) / took:,.0f} events/s)")
     table = Table("topic", "events in Kafka")
     for kind, n in topic_counts(settings).items():
         table.add_row(settings.topic(kind), f"{n:,}")
     console.print(table)
+    return live_from
 
 
 def _model(settings: Settings, train: bool) -> Path:
@@ -139,7 +145,7 @@ def _env(settings: Settings) -> dict[str, str]:
     return {f"ONETOWER_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None and not isinstance(v, list)}
 
 
-def _run(settings: Settings, model_dir: Path, timeout_s: float, short: bool) -> None:
+def _run(settings: Settings, model_dir: Path, timeout_s: float, live_from: int) -> None:
     from datetime import datetime, timezone
 
     from indexer.candidates import Retriever
@@ -166,6 +172,11 @@ def _run(settings: Settings, model_dir: Path, timeout_s: float, short: bool) -> 
         report = reindex(settings, model_dir, show_progress=True)
         console.print(f"version {report.version} checked and activated: {report.items:,} items, {report.users:,} users")
 
+    _stream_on(settings, live_from)
+    _poll(lambda: ready_group_lag(settings, app_id(settings)) == 0 and store.dirty_count("users") == 0, timeout_s,
+          "the worker did not catch up with the live events")
+    _live_recall(store, version)
+
     retriever = Retriever(settings, index, store)
     user = _busiest_user(store)
     before = retriever.candidates(user, 10)
@@ -184,23 +195,18 @@ def _run(settings: Settings, model_dir: Path, timeout_s: float, short: bool) -> 
     _show(store, user, after, f"after, vector refreshed {freshness:.2f}s after the engagement was sent")
     moved = len({i for i, _ in before.items} - {i for i, _ in after.items})
     console.print(f"{moved} of 10 candidates changed; freshness {freshness:.2f}s (event sent -> user vector upserted in Milvus)")
-    if short:
-        _stream_on(settings)
-        _poll(lambda: ready_group_lag(settings, app_id(settings)) == 0 and store.dirty_count("users") == 0, timeout_s,
-              "the worker did not catch up with the events after the replay")
-    _live_recall(store, version)
 
 
-def _stream_on(settings: Settings) -> None:
-    """Send the events that follow the replayed ones: the served version meets engagements it has not seen."""
+def _stream_on(settings: Settings, live_from: int) -> None:
+    """Send the events held back from the replay: the served version meets engagements it has not seen."""
     from itertools import islice
 
     from streams.movielens import read_events
     from streams.producer import EventProducer
 
     with EventProducer(settings) as producer:
-        producer.send_many(list(islice(read_events(settings.state_dir / "movielens"), SHORT_EVENTS, SHORT_EVENTS + LIVE_EVENTS)))
-    console.print(f"\nsent the next {LIVE_EVENTS:,} events; the worker scores a sample of their engagements for live recall")
+        producer.send_many(list(islice(read_events(settings.state_dir / "movielens"), live_from, live_from + LIVE_EVENTS)))
+    console.print(f"\nsent the {LIVE_EVENTS:,} events held back from the replay; the worker scores a sample of their engagements for live recall")
 
 
 def _live_recall(store, version: str) -> None:
